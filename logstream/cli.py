@@ -1,0 +1,250 @@
+"""The `logstream` command: a map from subcommand to a plain function.
+
+`run` flags are generated from `Settings`, so every flag is also a LOGSTREAM_* environment variable
+and there is one list of options, not two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from logstream.logs import configure_logging, get_logger
+from logstream.settings import Settings
+
+log = get_logger("logstream.cli")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+# --- Settings -> argparse ------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per Settings field (or per field in `only`); unset flags fall back to env and defaults."""
+    for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            annotation = next(a for a in args if a is not type(None))
+            args, origin = typing.get_args(annotation), typing.get_origin(annotation)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.description, "dest": name}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(action="append", metavar=name.upper().rstrip("S"))
+        elif origin is dict:
+            kwargs.update(action="append", type=_key_value, metavar="KEY=VALUE")
+        elif origin is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif annotation in (int, float, Path):
+            kwargs["type"] = annotation
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def settings_from(namespace: argparse.Namespace) -> Settings:
+    given = {name: value for name, value in vars(namespace).items() if name in Settings.model_fields}
+    if isinstance(given.get("kafka_option"), list):
+        given["kafka_option"] = dict(given["kafka_option"])
+    return Settings(**given)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from logstream.detectors.base import DetectorNotReady
+    from logstream.detectors.registry import load_detector
+    from logstream.metrics import Health, Metrics, MetricsServer
+    from logstream.pipeline import Pipeline
+
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    if not settings.input_topic:
+        print("logstream run: at least one --input-topic is required", file=sys.stderr)
+        return 2
+    try:
+        detector = load_detector(settings)
+    except DetectorNotReady as exc:
+        print(f"logstream run: {exc}", file=sys.stderr)
+        return 2
+    metrics, health = Metrics(), Health()
+    server = MetricsServer(metrics, health, settings.metrics_port).start() if settings.metrics_port is not None else None
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        return Pipeline(settings, detector, metrics=metrics, health=health, stop_event=stop).run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from logstream.broker import EmbeddedBroker
+
+    configure_logging("INFO")
+    data_dir = args.data_dir or (Settings().cache_dir / "broker")
+    broker = EmbeddedBroker(data_dir=data_dir, port=args.port, host=args.host).start()
+    print(broker.bootstrap_servers, flush=True)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        while broker.running and not stop.wait(0.5):
+            pass
+    finally:
+        broker.close()
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from logstream.producer import produce_file
+
+    configure_logging("INFO")
+    sent = produce_file(
+        bootstrap_servers=args.bootstrap_servers, topic=args.topic, path=args.file, partitions=args.partitions,
+        key=args.key, rate=args.rate, limit=args.limit,
+    )
+    print(f"produced {sent} records to {args.topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from logstream.tail import tail_alerts
+
+    configure_logging("WARNING")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
+                raw_json=args.json, idle_exit_s=args.idle_exit)
+    return 0
+
+
+def cmd_novelty_fit(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from logstream.detectors.novelty import NoveltyDetector
+    from logstream.files import iter_log_lines
+    from logstream.parsing import LineParser
+
+    configure_logging("INFO")
+    parser = LineParser(args.format)
+    bad: Counter[str] = Counter()
+
+    def lines() -> typing.Iterator[Any]:
+        for path in args.input:
+            for number, line in enumerate(iter_log_lines(path, parser, bad=bad)):
+                if args.limit is not None and number >= args.limit:
+                    break
+                yield line
+
+    detector = NoveltyDetector.fit(lines(), source=",".join(str(p) for p in args.input))
+    detector.save(args.output)
+    print(f"novelty model: {len(detector.known)} templates from {detector.lines} normal lines -> {args.output}"
+          + (f" (skipped: {dict(bad)})" if bad else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from logstream.demo import run_demo
+
+    return run_demo(detector=args.detector, lines=args.lines, keep_broker=args.keep_broker)
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logstream", description="Streaming log anomaly detection between Kafka "
+                                     "topics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume raw logs, window, score, publish alerts")
+    add_settings_arguments(run)
+    run.set_defaults(func=cmd_run)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker in the foreground")
+    broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--data-dir", type=Path, default=None, help="data directory (default: <cache>/broker)")
+    broker.set_defaults(func=cmd_broker)
+
+    produce = sub.add_parser("produce", help="stream a log file into a topic, one record per line")
+    produce.add_argument("--bootstrap-servers", required=True)
+    produce.add_argument("--topic", required=True)
+    produce.add_argument("--file", type=Path, required=True, help="log file (.gz allowed)")
+    produce.add_argument("--partitions", type=int, default=1, help="partitions when the topic is created")
+    produce.add_argument("--key", choices=["none", "block"], default="none",
+                         help="record key: none, or the line's first block id (keeps a block on one partition)")
+    produce.add_argument("--rate", type=float, default=0.0, help="lines per second (0: as fast as possible)")
+    produce.add_argument("--limit", type=int, default=None, help="stop after this many lines")
+    produce.set_defaults(func=cmd_produce)
+
+    alerts = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive")
+    alerts.add_argument("--bootstrap-servers", required=True)
+    alerts.add_argument("--topic", default="logstream.alerts")
+    alerts.add_argument("--from-beginning", action="store_true")
+    alerts.add_argument("--json", action="store_true", help="print the raw JSON documents")
+    alerts.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    alerts.set_defaults(func=cmd_alerts)
+
+    novelty = sub.add_parser("novelty", help="the unseen-template detector").add_subparsers(dest="action",
+                                                                                            required=True)
+    fit = novelty.add_parser("fit", help="learn the templates of normal traffic from log files")
+    fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"])
+    fit.add_argument("--input", type=Path, action="append", required=True, help="log file (repeatable, .gz ok)")
+    fit.add_argument("--output", type=Path, required=True, help="model file to write (JSON)")
+    fit.add_argument("--limit", type=int, default=None, help="use at most this many lines per file")
+    fit.set_defaults(func=cmd_novelty_fit)
+
+    demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
+    demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm"])
+    demo.add_argument("--lines", type=int, default=2000, help="lines of the sample to stream")
+    demo.add_argument("--keep-broker", action="store_true", help="leave the broker running after the demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"logstream {args.command}: invalid settings: {problems}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

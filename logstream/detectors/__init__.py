@@ -1,0 +1,1 @@
+"""Detectors: score batches of closed windows. `registry.load_detector(settings)` picks one by name."""

@@ -1,0 +1,134 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoint of one logstream process.
+
+Each `Metrics` owns its registry (no process-global collectors), so tests can run several
+pipelines in one process. `Health` is what the poll loop reports about itself; /readyz is ready
+only while partitions are assigned, the loop has polled recently and the broker answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every counter and gauge the pipeline updates; names are prefixed `logstream_`."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.lines_consumed = Counter(
+            "logstream_lines_consumed", "Records consumed from input topics", ["topic", "partition"], registry=r
+        )
+        self.lines_replayed = Counter(
+            "logstream_lines_replayed", "Records re-read below a replay fence after a restart or rebalance",
+            ["topic", "partition"], registry=r,
+        )
+        self.parse_errors = Counter("logstream_parse_errors", "Records that could not be parsed", ["reason"], registry=r)
+        self.dlq_records = Counter("logstream_dlq_records", "Records sent to the dead-letter topic", ["reason"],
+                                   registry=r)
+        self.windows_opened = Counter("logstream_windows_opened", "Windows opened", ["kind"], registry=r)
+        self.windows_closed = Counter("logstream_windows_closed", "Windows closed", ["kind", "reason"], registry=r)
+        self.late_lines = Counter("logstream_late_lines", "Line/window pairs that arrived after the window closed",
+                                  registry=r)
+        self.open_windows = Gauge("logstream_open_windows", "Open windows", ["topic", "partition"], registry=r)
+        self.queue_depth = Gauge("logstream_queue_depth", "Windows waiting for or in scoring", registry=r)
+        self.paused_partitions = Gauge("logstream_paused_partitions", "Partitions paused by backpressure",
+                                       registry=r)
+        self.batch_size = Histogram("logstream_batch_size", "Windows per scoring batch", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.scoring_seconds = Histogram("logstream_scoring_seconds", "Detector time per batch",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_hits = Counter("logstream_cache_hits", "Detector cache hits", ["cache"], registry=r)
+        self.cache_misses = Counter("logstream_cache_misses", "Detector cache misses", ["cache"], registry=r)
+        self.cache_hit_ratio = Gauge("logstream_cache_hit_ratio", "Detector cache hit ratio since start", ["cache"],
+                                     registry=r)
+        self.alerts_published = Counter("logstream_alerts_published", "Verdicts published", ["severity"], registry=r)
+        self.scoring_errors = Counter("logstream_scoring_errors", "Windows the detector failed on", registry=r)
+        self.consumer_lag = Gauge("logstream_consumer_lag", "High watermark minus position", ["topic", "partition"],
+                                  registry=r)
+        self.commits = Counter("logstream_commits", "Offset commits (or committed transactions)", registry=r)
+        self.last_commit_timestamp = Gauge("logstream_last_commit_timestamp_seconds",
+                                           "Unix time of the last successful commit", registry=r)
+        self.assigned_partitions = Gauge("logstream_assigned_partitions", "Partitions assigned", registry=r)
+        self.rebalances = Counter("logstream_rebalances", "Partition assignment changes", ["kind"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class Health:
+    """Liveness/readiness facts the poll loop keeps current."""
+
+    started: float = field(default_factory=time.time)
+    assigned: bool = False
+    last_poll: float = 0.0
+    broker_ok: bool = True
+    poll_stale_after_s: float = 30.0
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.assigned:
+            return False, "no partitions assigned"
+        if time.time() - self.last_poll > self.poll_stale_after_s:
+            return False, "poll loop stalled"
+        if not self.broker_ok:
+            return False, "broker unreachable"
+        return True, "ready"
+
+
+class MetricsServer:
+    """A small HTTP server on its own thread: /metrics, /healthz, /readyz."""
+
+    def __init__(self, metrics: Metrics, health: Health, port: int, host: str = "0.0.0.0") -> None:
+        self.metrics, self.health = metrics, health
+        handler = self._handler()
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="logstream-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        metrics, health = self.metrics, self.health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path.startswith("/metrics"):
+                    self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif self.path.startswith("/healthz"):
+                    self._send(200, b"ok\n")
+                elif self.path.startswith("/readyz"):
+                    ok, why = health.ready()
+                    self._send(200 if ok else 503, (why + "\n").encode())
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence access logs
+                return None
+
+        return Handler

@@ -1,0 +1,216 @@
+"""Line formats (HDFS, BGL, Thunderbird, Liberty, generic) and variable masking.
+
+Shared by the consumer and the trainer: a record's bytes become a `LogLine` (content masked into a
+template, event time, label, block ids) here and nowhere else. Records that cannot be parsed raise
+`BadRecord` with a short machine-readable reason; the caller routes them to the dead-letter topic.
+
+Masking follows the LogLLM recipe (no template parser, regular expressions only): a whitespace-
+separated token is replaced by `<*>` when it contains a digit (numbers, ids, IPs with ports, block
+ids), contains a `/` (file paths, URLs), or is a long run of hex letters (hex ids without digits).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from logstream.records import LogLine
+
+MASK = "<*>"
+
+_VARIABLE_TOKEN = re.compile(r"(?<!\S)(?:(?=[^\s\d/]*[\d/])\S+|[A-Fa-f]{8,}(?!\S))")
+_BLOCK_ID = re.compile(r"blk_-?\d+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_HDFS = re.compile(r"(\d{6}) (\d{6}) (\d+) (\S+) (\S+?):(?: (.*))?$", re.DOTALL)
+_ISO_PREFIX = re.compile(
+    r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)(?:\s+|$)"
+)
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a log line; `reason` is a short label for metrics and the DLQ."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class ParsedLine:
+    """What a format extracts from one line, before masking."""
+
+    content: str
+    event_time: float | None
+    label: bool | None
+
+
+def mask(content: str) -> str:
+    """Replace variable tokens by `<*>` (see the module docstring for the rule)."""
+    return _VARIABLE_TOKEN.sub(MASK, content)
+
+
+def block_ids(line: str) -> tuple[str, ...]:
+    """Every HDFS block id the line names, first occurrence order, without repeats."""
+    found = _BLOCK_ID.findall(line)
+    if len(found) < 2:
+        return tuple(found)
+    return tuple(dict.fromkeys(found))
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+_day_cache: dict[str, int] = {}
+
+
+def _hdfs_time(date: str, time: str) -> float:
+    day = _day_cache.get(date)
+    if day is None:
+        day = calendar.timegm((2000 + int(date[0:2]), int(date[2:4]), int(date[4:6]), 0, 0, 0))
+        if len(_day_cache) > 4096:
+            _day_cache.clear()
+        _day_cache[date] = day
+    return float(day + int(time[0:2]) * 3600 + int(time[2:4]) * 60 + int(time[4:6]))
+
+
+def parse_hdfs(line: str) -> ParsedLine:
+    """`<Date yymmdd> <Time hhmmss> <Pid> <Level> <Component>: <Content>`; labels live in a block file."""
+    match = _HDFS.match(line)
+    if match is None:
+        raise BadRecord("unparseable", "not an HDFS line")
+    date, time, _pid, _level, _component, content = match.groups()
+    try:
+        event_time = _hdfs_time(date, time)
+    except ValueError as exc:
+        raise BadRecord("unparseable", f"bad HDFS timestamp: {exc}") from None
+    return ParsedLine(content or "", event_time, None)
+
+
+def _alert_label(tag: str) -> bool:
+    return tag != "-"
+
+
+def _epoch(text: str) -> float:
+    if not text.isdigit():
+        raise BadRecord("unparseable", f"timestamp field {text[:32]!r} is not a unix time")
+    return float(text)
+
+
+def parse_bgl(line: str) -> ParsedLine:
+    """`<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>`.
+
+    The content may be empty (real BGL lines with only a header). The event time is the unix
+    timestamp with the microseconds of the Time field.
+    """
+    fields = line.split(None, 9)
+    if len(fields) < 9:
+        raise BadRecord("unparseable", f"BGL line has {len(fields)} of 9 header fields")
+    event_time = _epoch(fields[1])
+    micros = fields[4].rpartition(".")[2]
+    if len(micros) == 6 and micros.isdigit():
+        event_time += int(micros) / 1e6
+    return ParsedLine(fields[9] if len(fields) == 10 else "", event_time, _alert_label(fields[0]))
+
+
+def parse_thunderbird(line: str) -> ParsedLine:
+    """`<Label> <Timestamp> <Date> <Admin> <Month> <Day> <Time> <AdminAddr> <Content>` (Liberty too)."""
+    fields = line.split(None, 8)
+    if len(fields) < 8:
+        raise BadRecord("unparseable", f"line has {len(fields)} of 8 header fields")
+    return ParsedLine(fields[8] if len(fields) == 9 else "", _epoch(fields[1]), _alert_label(fields[0]))
+
+
+def parse_generic(line: str) -> ParsedLine:
+    """The whole line is the content, after an optional leading ISO-8601 timestamp."""
+    match = _ISO_PREFIX.match(line)
+    if match is None:
+        return ParsedLine(line, None, None)
+    stamp = match.group(1).replace(",", ".")
+    try:
+        parsed = datetime.fromisoformat(stamp)
+    except ValueError:
+        return ParsedLine(line, None, None)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return ParsedLine(line[match.end() :], parsed.timestamp(), None)
+
+
+FORMATS: dict[str, Callable[[str], ParsedLine]] = {
+    "hdfs": parse_hdfs,
+    "bgl": parse_bgl,
+    "thunderbird": parse_thunderbird,
+    "liberty": parse_thunderbird,
+    "generic": parse_generic,
+}
+
+
+def parser_for(fmt: str) -> Callable[[str], ParsedLine]:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown log format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+# --- records -> lines --------------------------------------------------------------------------
+
+
+def decode_record(value: bytes | None, max_bytes: int) -> str:
+    """Bytes of one record to the text of one line, or `BadRecord`.
+
+    One trailing line terminator is removed (loghub files use CRLF). Embedded newlines are kept
+    (multi-line records such as stack traces are one message).
+    """
+    if value is None or len(value) == 0:
+        raise BadRecord("empty")
+    if len(value) > max_bytes:
+        raise BadRecord("too_large", f"{len(value)} bytes > {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord("undecodable", f"invalid UTF-8 at byte {exc.start}") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text.strip():
+        raise BadRecord("empty")
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        raise BadRecord("control_characters", f"byte 0x{ord(bad.group()):02x} at {bad.start()}")
+    return text
+
+
+class LineParser:
+    """Turns records of one format into `LogLine`s; the one entry point for consumer and trainer."""
+
+    def __init__(self, fmt: str, max_line_bytes: int = 1_048_576) -> None:
+        self.format = fmt
+        self.max_line_bytes = max_line_bytes
+        self._parse = parser_for(fmt)
+
+    def parse(
+        self,
+        value: bytes | None,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        record_time: float,
+    ) -> LogLine:
+        """Parse one record; `record_time` (Kafka timestamp, seconds) stands in for a missing line time."""
+        text = decode_record(value, self.max_line_bytes)
+        return self.parse_text(text, topic=topic, partition=partition, offset=offset, record_time=record_time)
+
+    def parse_text(self, text: str, *, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
+        parsed = self._parse(text)
+        return LogLine(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            raw=text,
+            template=mask(parsed.content),
+            event_time=parsed.event_time if parsed.event_time is not None else record_time,
+            label=parsed.label,
+            block_ids=block_ids(text),
+        )

@@ -1,0 +1,103 @@
+"""The data that flows through logstream: parsed lines, completed windows and verdicts.
+
+A `LogLine` is one raw record after parsing and masking; a `Window` is a closed group of lines
+with a deterministic id (same input offsets, same id); a `Verdict` is a detector's judgement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+WindowKind = Literal["count", "session"]
+CloseReason = Literal["size", "gap", "max_size", "cap", "end_of_input"]
+
+
+@dataclass(slots=True, frozen=True)
+class LogLine:
+    """One parsed record of a raw topic (or of a log file, for the trainer)."""
+
+    topic: str
+    partition: int
+    offset: int
+    raw: str  # the decoded line, without its line terminator
+    template: str  # the content with variables masked as <*>
+    event_time: float  # seconds since the epoch: the line's own timestamp, else the record's
+    label: bool | None = None  # True = anomalous, where the format carries a label
+    block_ids: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Window:
+    """A closed window of lines, ready to be scored."""
+
+    kind: WindowKind
+    key: str  # block id for sessions; "<topic>/<partition>" for count windows
+    topic: str
+    partition: int
+    lines: list[LogLine]
+    close_reason: CloseReason
+    window_id: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.lines:
+            raise ValueError("a window holds at least one line")
+        self.window_id = window_id(self.topic, self.partition, self.kind, self.key, self.first_offset, self.last_offset)
+
+    @property
+    def first_offset(self) -> int:
+        return self.lines[0].offset
+
+    @property
+    def last_offset(self) -> int:
+        return self.lines[-1].offset
+
+    @property
+    def first_event_time(self) -> float:
+        return min(line.event_time for line in self.lines)
+
+    @property
+    def last_event_time(self) -> float:
+        return max(line.event_time for line in self.lines)
+
+    @property
+    def size(self) -> int:
+        return len(self.lines)
+
+    @property
+    def templates(self) -> list[str]:
+        return [line.template for line in self.lines]
+
+    def template_counts(self) -> Counter[str]:
+        return Counter(line.template for line in self.lines)
+
+    @property
+    def label(self) -> bool | None:
+        """Ground truth where the lines carry labels: anomalous if any line is."""
+        labels = [line.label for line in self.lines if line.label is not None]
+        return any(labels) if labels else None
+
+
+def window_id(topic: str, partition: int, kind: str, key: str, first_offset: int, last_offset: int) -> str:
+    """Deterministic id: a replay of the same offsets yields the same id."""
+    text = f"{topic}\x1f{partition}\x1f{kind}\x1f{key}\x1f{first_offset}\x1f{last_offset}"
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    """A detector's judgement of one window.
+
+    `score` is 0-100 (100 = surely anomalous). `evidence` names the lines that drove the
+    decision where the detector can tell (indices into `Window.lines`, with a reason each).
+    """
+
+    anomalous: bool
+    score: float
+    evidence: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score <= 100.0:
+            raise ValueError(f"score {self.score} outside 0-100")

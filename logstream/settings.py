@@ -1,0 +1,118 @@
+"""One settings object for every logstream command: CLI flags and LOGSTREAM_* environment variables.
+
+Every field is a flag (`--window-size`) and an environment variable (`LOGSTREAM_WINDOW_SIZE`);
+a flag given on the command line wins over the environment, which wins over the default.
+Derived values are properties, so nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["hdfs", "bgl", "thunderbird", "liberty", "generic"]
+WindowKind = Literal["session", "count"]
+EmitMode = Literal["anomalous", "all"]
+Guarantee = Literal["at-least-once", "exactly-once"]
+
+
+def default_cache_dir() -> Path:
+    """Where prepared models and the embedded broker's data live unless told otherwise."""
+    return Path.home() / ".cache" / "logstream"
+
+
+class Settings(BaseSettings):
+    """Configuration of a logstream process (consumer, broker, model preparation)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOGSTREAM_", frozen=True, extra="forbid", env_parse_none_str="", populate_by_name=True
+    )
+
+    # --- Kafka wiring -------------------------------------------------------------------------
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    input_topic: list[str] = Field(default_factory=list, description="raw log topic to consume (repeatable)")
+    alerts_topic: str = Field("logstream.alerts", description="topic the alerts (verdicts) are published to")
+    dlq_topic: str = Field("logstream.dlq", description="dead-letter topic for records that cannot be processed")
+    group_id: str = Field("logstream", description="Kafka consumer group")
+    group_instance_id: str | None = Field(
+        None, description="static group membership id (one per replica; also names the transactional producer)"
+    )
+    state_topic: str | None = Field(
+        None, description="topic holding open-session snapshots for exact replay (default: <group-id>.logstream-state)"
+    )
+    kafka_option: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra librdkafka settings for consumer and producer, e.g. security.protocol (JSON object in env)",
+    )
+    create_topics: bool = Field(True, description="create missing output/state topics at start")
+    topic_partitions: int = Field(1, ge=1, description="partitions for topics logstream creates itself")
+    topic_replication: int = Field(1, ge=1, description="replication factor for topics logstream creates itself")
+
+    # --- Parsing ------------------------------------------------------------------------------
+    format: LogFormat = Field("generic", description="line format of the raw topic")
+    max_line_bytes: int = Field(1_048_576, ge=64, description="longer records go to the dead-letter topic")
+
+    # --- Windowing ----------------------------------------------------------------------------
+    window: WindowKind = Field("count", description="count windows or session windows keyed by block id")
+    window_size: int = Field(100, ge=1, description="lines per count window")
+    window_stride: int | None = Field(None, ge=1, description="lines between count window starts (default: size)")
+    session_gap: float = Field(300.0, gt=0, description="seconds of event-time inactivity that close a session")
+    session_grace: float = Field(30.0, ge=0, description="extra event-time seconds allowed for late lines")
+    session_max_lines: int = Field(1000, ge=1, description="a session reaching this many lines closes")
+    session_max_open: int = Field(100_000, ge=1, description="open sessions per partition; the oldest closes first")
+
+    # --- Detection ----------------------------------------------------------------------------
+    detector: str = Field("null", description="detector name: null, novelty, logllm, logllama")
+    model: Path | None = Field(None, description="detector artifact (file or directory)")
+    emit: EmitMode = Field("anomalous", description="publish anomalous windows only, or every verdict")
+    batch_size: int = Field(16, ge=1, description="windows scored together")
+    batch_max_wait_ms: int = Field(50, ge=0, description="how long a partial batch waits for more windows")
+    queue_max_windows: int = Field(256, ge=1, description="windows waiting for scoring before partitions pause")
+
+    # --- Model resources (LogLLM / LogLLaMA) --------------------------------------------------
+    embedder: Path | None = Field(None, description="BERT-family encoder directory (default: embedded MiniLM)")
+    llm: Path | None = Field(None, description="Llama-architecture LM directory or .gguf file (default: SmolLM2)")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="prepared models and broker data")
+    device: str | None = Field(None, description="torch device (default: cuda when available, else cpu)")
+    load_in_4bit: bool = Field(False, description="load the LLM in 4-bit NF4 (bitsandbytes, CUDA only)")
+    max_messages: int = Field(128, ge=1, description="messages per window given to the model (the latest kept)")
+    embedding_cache_size: int = Field(50_000, ge=0, description="masked messages whose embeddings are kept")
+    verdict_cache_size: int = Field(10_000, ge=0, description="window verdicts kept, keyed by masked messages")
+
+    # --- Delivery and lifecycle ---------------------------------------------------------------
+    guarantee: Guarantee = Field("at-least-once", description="at-least-once or exactly-once (transactions)")
+    once: bool = Field(False, description="consume to the end offsets as of start, close all windows, exit")
+    commit_interval_s: float = Field(5.0, gt=0, description="seconds between offset commits")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="time allowed to drain, publish and commit on stop")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="Kafka max.poll.interval.ms")
+    session_timeout_ms: int = Field(45_000, ge=1000, description="Kafka session.timeout.ms")
+
+    # --- Operations ---------------------------------------------------------------------------
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here")
+    log_level: str = Field("INFO", description="structlog level: DEBUG, INFO, WARNING, ERROR")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.window_stride is not None and self.window_stride > self.window_size:
+            raise ValueError(
+                f"window_stride ({self.window_stride}) must not exceed window_size ({self.window_size}): "
+                "a larger stride would skip lines that no window judges"
+            )
+        return self
+
+    @property
+    def stride(self) -> int:
+        return self.window_stride or self.window_size
+
+    @property
+    def resolved_state_topic(self) -> str:
+        return self.state_topic or f"{self.group_id}.logstream-state"
+
+    @property
+    def transactional_id(self) -> str:
+        """Stable per replica, so a restarted instance fences its own earlier incarnation."""
+        return f"{self.group_id}.{self.group_instance_id or socket.gethostname()}"

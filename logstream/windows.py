@@ -1,0 +1,291 @@
+"""Windowing engines: count windows and session windows keyed by block id, one engine per partition.
+
+Both engines are pure functions of the line sequence they are fed (no wall clock), so a replay of
+the same offsets closes the same windows at the same lines, with the same ids.
+
+Count windows: a window starts every `stride` lines and closes when it holds `size` lines
+(stride = size gives the paper's non-overlapping windows; a smaller stride slides).
+
+Session windows (Kafka Streams' semantics, in event time): each block id named by a line has its
+own session; a line naming several blocks joins each of them. With `stream_time` the largest event
+time seen on the partition, a session closes
+  - on a gap: a new line of the block arrives more than `gap` seconds after the session's last line
+    (the session closes and the line opens the next one), or stream time passes
+    `last + gap + grace` (the grace lets out-of-order lines still join);
+  - on reaching `max_lines`;
+  - when opening one more session would exceed `max_open` (the oldest-opened session closes first);
+  - on `flush()` at the end of input.
+A line for a block with no open session whose event time is already past `stream_time - gap - grace`
+is *late*: its session would already have been closed. Late keys are reported to the caller, which
+counts and logs them; a line that joined no window at all goes to the dead-letter topic.
+
+Exact replay after a restart: the pipeline commits the offset of the oldest open window and keeps a
+snapshot (open block ids with their first offsets, stream time) for the offsets in between. Fed the
+lines again from that offset up to the fence, `SessionWindower.restore()` rebuilds exactly the
+sessions that were open, ignoring the lines of sessions that had already closed and been published.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from logstream.records import CloseReason, LogLine, Window
+
+_NO_TIME = float("-inf")
+
+
+@dataclass(slots=True)
+class AddResult:
+    """What feeding one line did: windows it closed, block ids it was late for, windows it joined."""
+
+    closed: list[Window] = field(default_factory=list)
+    late_keys: tuple[str, ...] = ()
+    joined: int = 0
+
+
+class Windower(Protocol):
+    """Per-partition window state. Not thread-safe: owned by the poll loop."""
+
+    def add(self, line: LogLine) -> AddResult:
+        """Feed the next line of the partition (offsets increase)."""
+
+    def flush(self) -> list[Window]:
+        """Close every open window (end of input), oldest first."""
+
+    def oldest_open_offset(self) -> int | None:
+        """First offset of the oldest open window: replay must start there (None when none is open)."""
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """What a replay from `oldest_open_offset()` needs besides the lines (None: nothing)."""
+
+    @property
+    def open_windows(self) -> int: ...
+
+
+class CountWindower:
+    """Windows of `size` lines starting every `stride` lines."""
+
+    def __init__(self, topic: str, partition: int, size: int = 100, stride: int | None = None) -> None:
+        stride = stride or size
+        if not 1 <= stride <= size:
+            raise ValueError(f"stride must be in 1..size ({size}), got {stride}")
+        self.topic, self.partition, self.size, self.stride = topic, partition, size, stride
+        self._key = f"{topic}/{partition}"
+        self._open: deque[list[LogLine]] = deque()
+        self._until_next_start = 0
+
+    def add(self, line: LogLine) -> AddResult:
+        if self._until_next_start == 0:
+            self._open.append([])
+            self._until_next_start = self.stride
+        self._until_next_start -= 1
+        for lines in self._open:
+            lines.append(line)
+        result = AddResult(joined=len(self._open))
+        if len(self._open[0]) == self.size:
+            result.closed.append(self._window(self._open.popleft(), "size"))
+        return result
+
+    def flush(self) -> list[Window]:
+        windows = [self._window(lines, "end_of_input") for lines in self._open]
+        self._open.clear()
+        self._until_next_start = 0
+        return windows
+
+    def oldest_open_offset(self) -> int | None:
+        return self._open[0][0].offset if self._open else None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return None  # windows start at the replay offset and every `stride` lines after: nothing to keep
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    def _window(self, lines: list[LogLine], reason: CloseReason) -> Window:
+        return Window("count", self._key, self.topic, self.partition, lines, reason)
+
+
+class _Session:
+    __slots__ = ("lines", "last_event", "generation")
+
+    def __init__(self, generation: int) -> None:
+        self.lines: list[LogLine] = []
+        self.last_event = _NO_TIME
+        self.generation = generation
+
+
+class SessionWindower:
+    """Session windows keyed by block id, closed in event time (see the module docstring)."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        gap: float = 300.0,
+        grace: float = 30.0,
+        max_lines: int = 1000,
+        max_open: int = 100_000,
+    ) -> None:
+        self.topic, self.partition = topic, partition
+        self.gap, self.grace, self.max_lines, self.max_open = gap, grace, max_lines, max_open
+        self._open: dict[str, _Session] = {}  # insertion order = opening order = first-offset order
+        self._expiry: list[tuple[float, int, str]] = []  # (deadline, generation, key), stale entries skipped
+        self._generation = 0
+        self._stream_time = _NO_TIME
+        self._restoring: dict[str, int] | None = None
+        self._restore_snapshot: dict[str, Any] | None = None
+        self._fence = 0
+
+    # --- replay -------------------------------------------------------------------------------
+
+    def restore(self, snapshot: dict[str, Any], fence: int) -> None:
+        """Rebuild the sessions of `snapshot` from the lines replayed below offset `fence`."""
+        self._restoring = {key: int(first) for key, first in snapshot.get("open", [])}
+        self._restore_snapshot = snapshot
+        self._fence = fence
+        self._stream_time = float(snapshot.get("stream_time", _NO_TIME))
+
+    @property
+    def restoring(self) -> bool:
+        return self._restoring is not None
+
+    def finish_restore(self) -> list[str]:
+        """Leave replay mode; returns the block ids whose lines were not found again (lost to retention)."""
+        if self._restoring is None:
+            return []
+        missing = [key for key in self._restoring if key not in self._open]
+        self._restoring = None
+        self._restore_snapshot = None
+        for key, session in self._open.items():
+            self._schedule(key, session)
+        return missing
+
+    def _replay(self, line: LogLine) -> None:
+        assert self._restoring is not None
+        for key in line.block_ids:
+            first = self._restoring.get(key)
+            if first is None or line.offset < first:
+                continue  # that block's window had closed and was published before the restart
+            session = self._open.get(key)
+            if session is None:
+                self._generation += 1
+                session = self._open[key] = _Session(self._generation)
+            session.lines.append(line)
+            session.last_event = max(session.last_event, line.event_time)
+
+    # --- streaming ----------------------------------------------------------------------------
+
+    def add(self, line: LogLine) -> AddResult:
+        if self._restoring is not None:
+            if line.offset < self._fence:
+                self._replay(line)
+                return AddResult()
+            self.finish_restore()
+        result = AddResult()
+        now = line.event_time
+        if now > self._stream_time:
+            self._stream_time = now
+            self._expire(result.closed)
+        late: list[str] = []
+        for key in line.block_ids:
+            session = self._open.get(key)
+            if session is not None and now > session.last_event + self.gap:
+                result.closed.append(self._close(key, "gap"))
+                session = None
+            if session is None:
+                if now + self.gap + self.grace < self._stream_time:
+                    late.append(key)
+                    continue
+                if len(self._open) >= self.max_open:
+                    result.closed.append(self._close(next(iter(self._open)), "cap"))
+                self._generation += 1
+                session = self._open[key] = _Session(self._generation)
+            session.lines.append(line)
+            result.joined += 1
+            if now > session.last_event:
+                session.last_event = now
+                self._schedule(key, session)
+            if len(session.lines) >= self.max_lines:
+                result.closed.append(self._close(key, "max_size"))
+        result.late_keys = tuple(late)
+        return result
+
+    def flush(self) -> list[Window]:
+        self.finish_restore()
+        windows = [self._window(key, session, "end_of_input") for key, session in self._open.items()]
+        self._open.clear()
+        self._expiry.clear()
+        return windows
+
+    def oldest_open_offset(self) -> int | None:
+        if self._restoring is not None:
+            return min(self._restoring.values(), default=None)
+        for session in self._open.values():
+            return session.lines[0].offset
+        return None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        if self._restore_snapshot is not None:
+            return self._restore_snapshot  # not rebuilt yet: the state is still the restored one
+        return {
+            "stream_time": self._stream_time if self._stream_time != _NO_TIME else None,
+            "open": [[key, session.lines[0].offset] for key, session in self._open.items()],
+        }
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._restoring) if self._restoring is not None else len(self._open)
+
+    @property
+    def stream_time(self) -> float | None:
+        return None if self._stream_time == _NO_TIME else self._stream_time
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _schedule(self, key: str, session: _Session) -> None:
+        heapq.heappush(self._expiry, (session.last_event + self.gap + self.grace, session.generation, key))
+        if len(self._expiry) > 4 * len(self._open) + 1024:
+            self._expiry = [
+                (s.last_event + self.gap + self.grace, s.generation, k) for k, s in self._open.items()
+            ]
+            heapq.heapify(self._expiry)
+
+    def _expire(self, closed: list[Window]) -> None:
+        while self._expiry and self._expiry[0][0] < self._stream_time:
+            deadline, generation, key = heapq.heappop(self._expiry)
+            session = self._open.get(key)
+            if session is None or session.generation != generation:
+                continue  # closed or reopened since
+            if session.last_event + self.gap + self.grace != deadline:
+                continue  # extended since; a later entry exists
+            closed.append(self._close(key, "gap"))
+
+    def _close(self, key: str, reason: CloseReason) -> Window:
+        return self._window(key, self._open.pop(key), reason)
+
+    def _window(self, key: str, session: _Session, reason: CloseReason) -> Window:
+        return Window("session", key, self.topic, self.partition, session.lines, reason)
+
+
+def make_windower(
+    kind: str,
+    topic: str,
+    partition: int,
+    *,
+    size: int = 100,
+    stride: int | None = None,
+    gap: float = 300.0,
+    grace: float = 30.0,
+    max_lines: int = 1000,
+    max_open: int = 100_000,
+) -> CountWindower | SessionWindower:
+    """The engine for one partition, by window kind."""
+    if kind == "count":
+        return CountWindower(topic, partition, size, stride)
+    if kind == "session":
+        return SessionWindower(topic, partition, gap, grace, max_lines, max_open)
+    raise ValueError(f"unknown window kind {kind!r}; choose count or session")

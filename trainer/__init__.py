@@ -1,0 +1,1 @@
+"""logstream-train: turn historical log dumps into windows and train / evaluate detectors."""
