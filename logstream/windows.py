@@ -39,11 +39,12 @@ _NO_TIME = float("-inf")
 
 @dataclass(slots=True)
 class AddResult:
-    """What feeding one line did: windows it closed, block ids it was late for, windows it joined."""
+    """What feeding one line did: windows it closed and opened, block ids it was late for, windows joined."""
 
     closed: list[Window] = field(default_factory=list)
     late_keys: tuple[str, ...] = ()
     joined: int = 0
+    opened: int = 0  # windows this line started (metrics: windows opened)
 
 
 class Windower(Protocol):
@@ -78,13 +79,15 @@ class CountWindower:
         self._until_next_start = 0
 
     def add(self, line: LogLine) -> AddResult:
+        opened = 0
         if self._until_next_start == 0:
             self._open.append([])
             self._until_next_start = self.stride
+            opened = 1
         self._until_next_start -= 1
         for lines in self._open:
             lines.append(line)
-        result = AddResult(joined=len(self._open))
+        result = AddResult(joined=len(self._open), opened=opened)
         if len(self._open[0]) == self.size:
             result.closed.append(self._window(self._open.popleft(), "size"))
         return result
@@ -204,6 +207,7 @@ class SessionWindower:
                     result.closed.append(self._close(next(iter(self._open)), "cap"))
                 self._generation += 1
                 session = self._open[key] = _Session(self._generation)
+                result.opened += 1
             session.lines.append(line)
             result.joined += 1
             if now > session.last_event:
