@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -57,8 +59,49 @@ class Metrics:
         self.commits = Counter("logstream_commits", "Offset commits (or committed transactions)", registry=r)
         self.last_commit_timestamp = Gauge("logstream_last_commit_timestamp_seconds",
                                            "Unix time of the last successful commit", registry=r)
+        self.last_commit_age = Gauge("logstream_last_commit_age_seconds",
+                                     "Seconds since the last successful commit (since start before the first one)",
+                                     registry=r)
+        self.last_commit_age.set_function(self._commit_age)
         self.assigned_partitions = Gauge("logstream_assigned_partitions", "Partitions assigned", registry=r)
         self.rebalances = Counter("logstream_rebalances", "Partition assignment changes", ["kind"], registry=r)
+        self._started = time.time()
+        self._cache_seen: dict[str, tuple[int, int]] = {}
+        self._cache_lock = threading.Lock()
+
+    def observe_cache_stats(self, stats: Mapping[str, tuple[int, int]]) -> None:
+        """Turn a detector's cumulative (hits, misses) per cache into counters and a since-start ratio.
+
+        Detectors report running totals; Prometheus counters must only grow, so the increase since the
+        previous report is added. A total that went down means the detector reset its statistics (a
+        reloaded model): the new totals count from zero.
+        """
+        with self._cache_lock:
+            for cache, (hits, misses) in stats.items():
+                seen_hits, seen_misses = self._cache_seen.get(cache, (0, 0))
+                if hits < seen_hits or misses < seen_misses:
+                    seen_hits = seen_misses = 0
+                self.cache_hits.labels(cache).inc(hits - seen_hits)
+                self.cache_misses.labels(cache).inc(misses - seen_misses)
+                self._cache_seen[cache] = (hits, misses)
+                total = hits + misses
+                self.cache_hit_ratio.labels(cache).set(hits / total if total else 0.0)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop the per-partition gauges of a partition this process no longer owns.
+
+        A stale lag or open-window value left behind after a rebalance would be summed with the new
+        owner's and mislead the autoscaler; counters stay (they are totals of what this process did).
+        """
+        for gauge in (self.consumer_lag, self.open_windows):
+            try:
+                gauge.remove(topic, str(partition))
+            except KeyError:
+                pass
+
+    def _commit_age(self) -> float:
+        last = self.last_commit_timestamp.collect()[0].samples[0].value
+        return max(0.0, time.time() - (last or self._started))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -84,13 +127,23 @@ class Health:
         return True, "ready"
 
 
+class MetricsServerError(OSError):
+    """The metrics port cannot be bound (in use, privileged); the message names host and port."""
+
+
 class MetricsServer:
-    """A small HTTP server on its own thread: /metrics, /healthz, /readyz."""
+    """A small HTTP server on its own thread: /metrics, /healthz, /readyz.
+
+    Port 0 binds a free port (tests); `port` tells which one was bound.
+    """
 
     def __init__(self, metrics: Metrics, health: Health, port: int, host: str = "0.0.0.0") -> None:
         self.metrics, self.health = metrics, health
         handler = self._handler()
-        self._server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise MetricsServerError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="logstream-metrics", daemon=True)
 
@@ -111,15 +164,16 @@ class MetricsServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                if self.path.startswith("/metrics"):
+                path = urlsplit(self.path).path.rstrip("/") or "/"
+                if path == "/metrics":
                     self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif self.path.startswith("/healthz"):
+                elif path == "/healthz":
                     self._send(200, b"ok\n")
-                elif self.path.startswith("/readyz"):
+                elif path == "/readyz":
                     ok, why = health.ready()
                     self._send(200 if ok else 503, (why + "\n").encode())
                 else:
-                    self._send(404, b"not found\n")
+                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
 
             def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
                 self.send_response(status)

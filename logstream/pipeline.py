@@ -306,6 +306,7 @@ class Pipeline:
             state = self.parts.pop(tp, None)
             if state is not None:
                 state.open_gauge.set(0)
+            self.metrics.forget_partition(*tp)
         self.scorer.drop(lambda job: (job.window.topic, job.window.partition) not in tps)
         if self._pending_cut is not None:
             for tp in tps:
@@ -366,6 +367,8 @@ class Pipeline:
             return
         result = state.windower.add(line)
         if not replay:
+            if result.opened:
+                self.metrics.windows_opened.labels(self.settings.window).inc(result.opened)
             if result.joined == 0:
                 reason = "late" if result.late_keys else "unkeyed"
                 detail = f"late for {', '.join(result.late_keys)}" if result.late_keys else "no block id in line"
@@ -670,23 +673,39 @@ class Pipeline:
         self.metrics.scoring_seconds.observe(seconds)
         stats = getattr(self.detector, "cache_stats", None)
         if callable(stats):
-            for cache, (hits, misses) in stats().items():
-                self.metrics.cache_hit_ratio.labels(cache).set(hits / (hits + misses) if hits + misses else 0.0)
+            self.metrics.observe_cache_stats(stats())
 
     def _update_lag(self) -> None:
         now = time.monotonic()
         if now - self._last_lag_at < 5.0 or self.consumer is None:
             return
         self._last_lag_at = now
+        if not self.health.broker_ok:
+            self._probe_broker()
+        # Paused partitions are not fetched, so their cached high watermark goes stale exactly when the
+        # lag matters (backpressure): ask the broker then.
+        cached = not self._paused
         for (topic, partition), state in self.parts.items():
             if state.position is None:
                 continue
             try:
-                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=1.0,
+                                                              cached=cached)
             except KafkaException:
-                continue
+                if cached:
+                    continue
+                break  # the broker does not answer: do not stall the poll loop on every partition
             if high >= 0:
                 self.metrics.consumer_lag.labels(topic, str(partition)).set(max(0, high - state.position))
+
+    def _probe_broker(self) -> None:
+        """After a transport error, /readyz stays 503 until a metadata request proves the broker answers."""
+        assert self.consumer is not None
+        try:
+            self.consumer.list_topics(self.settings.input_topic[0], timeout=1.0)
+        except KafkaException:
+            return
+        self.health.broker_ok = True
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
