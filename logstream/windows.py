@@ -150,7 +150,8 @@ class SessionWindower:
         self._restoring = {key: int(first) for key, first in snapshot.get("open", [])}
         self._restore_snapshot = snapshot
         self._fence = fence
-        self._stream_time = float(snapshot.get("stream_time", _NO_TIME))
+        stream_time = snapshot.get("stream_time")
+        self._stream_time = _NO_TIME if stream_time is None else float(stream_time)
 
     @property
     def restoring(self) -> bool:
