@@ -77,7 +77,7 @@ def settings_from(namespace: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from logstream.detectors.base import DetectorNotReady
     from logstream.detectors.registry import load_detector
-    from logstream.metrics import Health, Metrics, MetricsServer
+    from logstream.metrics import Health, Metrics, MetricsServer, MetricsServerError
     from logstream.pipeline import Pipeline
 
     settings = settings_from(args)
@@ -91,7 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"logstream run: {exc}", file=sys.stderr)
         return 2
     metrics, health = Metrics(), Health()
-    server = MetricsServer(metrics, health, settings.metrics_port).start() if settings.metrics_port is not None else None
+    server = None
+    if settings.metrics_port is not None:
+        try:
+            server = MetricsServer(metrics, health, settings.metrics_port).start()
+        except MetricsServerError as exc:  # a port clash is a configuration error, not a crash
+            print(f"logstream run: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
