@@ -25,6 +25,7 @@ _VARIABLE_TOKEN = re.compile(r"(?<!\S)(?:(?=[^\s\d/]*[\d/])\S+|[A-Fa-f]{8,}(?!\S
 _BLOCK_ID = re.compile(r"blk_-?\d+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HDFS = re.compile(r"(\d{6}) (\d{6}) (\d+) (\S+) (\S+?):(?: (.*))?$", re.DOTALL)
+_DOTTED_DATE = re.compile(r"\d{4}\.\d{2}\.\d{2}$")
 _ISO_PREFIX = re.compile(
     r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)(?:\s+|$)"
 )
@@ -93,10 +94,12 @@ def _alert_label(tag: str) -> bool:
     return tag != "-"
 
 
-def _epoch(text: str) -> float:
-    if not text.isdigit():
-        raise BadRecord("unparseable", f"timestamp field {text[:32]!r} is not a unix time")
-    return float(text)
+def _header_time(fields: list[str]) -> float:
+    """Unix time of a BGL/Thunderbird/Liberty header, checked against its date field (yyyy.mm.dd)."""
+    stamp, date = fields[1], fields[2]
+    if not (stamp.isascii() and stamp.isdigit()) or _DOTTED_DATE.match(date) is None:
+        raise BadRecord("unparseable", f"header {stamp[:24]!r} {date[:24]!r} is not '<unix time> <yyyy.mm.dd>'")
+    return float(stamp)
 
 
 def parse_bgl(line: str) -> ParsedLine:
@@ -108,7 +111,7 @@ def parse_bgl(line: str) -> ParsedLine:
     fields = line.split(None, 9)
     if len(fields) < 9:
         raise BadRecord("unparseable", f"BGL line has {len(fields)} of 9 header fields")
-    event_time = _epoch(fields[1])
+    event_time = _header_time(fields)
     micros = fields[4].rpartition(".")[2]
     if len(micros) == 6 and micros.isdigit():
         event_time += int(micros) / 1e6
@@ -120,7 +123,7 @@ def parse_thunderbird(line: str) -> ParsedLine:
     fields = line.split(None, 8)
     if len(fields) < 8:
         raise BadRecord("unparseable", f"line has {len(fields)} of 8 header fields")
-    return ParsedLine(fields[8] if len(fields) == 9 else "", _epoch(fields[1]), _alert_label(fields[0]))
+    return ParsedLine(fields[8] if len(fields) == 9 else "", _header_time(fields), _alert_label(fields[0]))
 
 
 def parse_generic(line: str) -> ParsedLine:

@@ -89,7 +89,8 @@ def test_generic_with_and_without_timestamp() -> None:
 @pytest.mark.parametrize(
     ("fmt", "line"),
     [("hdfs", "not an hdfs line"), ("bgl", "- 123 too short"), ("bgl", "- notatime a b c d e f g h content"),
-     ("thunderbird", "- 1 2")],
+     ("thunderbird", "- 1 2"), ("bgl", HDFS_LINE), ("thunderbird", HDFS_LINE + " extra words here"),
+     ("bgl", "- 1117838570 05.06.03 R02 2005-06-03-15.42.50.675872 R02 RAS KERNEL INFO text")],
 )
 def test_wrong_format_is_a_bad_record(fmt: str, line: str) -> None:
     with pytest.raises(BadRecord) as excinfo:
