@@ -181,6 +181,26 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+REPARTITION_FIELDS = (
+    "bootstrap_servers", "input_topic", "repartition_topic", "group_id", "group_instance_id", "guarantee",
+    "kafka_option", "create_topics", "topic_partitions", "topic_replication", "commit_interval_s", "once",
+    "max_poll_interval_ms", "session_timeout_ms", "log_level",
+)
+
+
+def cmd_repartition(args: argparse.Namespace) -> int:
+    from logstream.repartition import Repartitioner
+
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    if not settings.input_topic or not settings.repartition_topic:
+        print("logstream repartition: --input-topic and --repartition-topic are required", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    return Repartitioner(settings, stop_event=stop).run()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from logstream.demo import run_demo
 
@@ -232,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--output", type=Path, required=True, help="model file to write (JSON)")
     fit.add_argument("--limit", type=int, default=None, help="use at most this many lines per file")
     fit.set_defaults(func=cmd_novelty_fit)
+
+    repartition = sub.add_parser(
+        "repartition", help="re-key raw lines by block id into an internal topic (sessions across partitions)"
+    )
+    add_settings_arguments(repartition, only=REPARTITION_FIELDS)
+    repartition.set_defaults(func=cmd_repartition)
 
     demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
     demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm"])

@@ -21,6 +21,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -39,7 +40,8 @@ from logstream.kafka import consumer_config, ensure_topics, producer_config, rea
 from logstream.logs import get_logger
 from logstream.metrics import Health, Metrics
 from logstream.parsing import BadRecord, LineParser
-from logstream.records import Window
+from logstream.records import LogLine, Window
+from logstream.repartition import BLOCKS_HEADER
 from logstream.scoring import ScoreJob, ScoreResult, ScoringWorker
 from logstream.settings import Settings
 from logstream.windows import SessionWindower, make_windower
@@ -120,6 +122,7 @@ class Pipeline:
         self.stop_event = stop_event or threading.Event()
         self.parser = LineParser(settings.format, settings.max_line_bytes)
         self.exactly_once = settings.guarantee == "exactly-once"
+        self._session_windows = settings.window == "session"
         self.parts: dict[TP, PartitionState] = {}
         self._epoch = 0
         self._assigned_once = False
@@ -189,7 +192,9 @@ class Pipeline:
             if self.stop_event.is_set():
                 self._shutdown(deadline=time.monotonic() + self.settings.shutdown_timeout_s)
                 return 0
-            messages = self.consumer.consume(CONSUME_BATCH, 0.1)
+            # Never read more records than there is room for windows: keeps the in-flight bound tight.
+            room = self.settings.queue_max_windows - self._in_flight()
+            messages = self.consumer.consume(min(CONSUME_BATCH, max(1, room)), 0.1)
             self.health.last_poll = time.time()
             if messages:
                 self._handle_messages(messages)
@@ -365,6 +370,8 @@ class Pipeline:
             if not replay:
                 self._dead_letter(state, message, exc.reason, exc.detail)
             return
+        if self._session_windows:
+            line = self._routed_blocks(message, line)
         result = state.windower.add(line)
         if not replay:
             if result.opened:
@@ -382,6 +389,17 @@ class Pipeline:
                             windows=len(result.closed))
             else:
                 self._submit(state, result.closed)
+
+    @staticmethod
+    def _routed_blocks(message: Message, line: LogLine) -> LogLine:
+        """A line re-keyed by `logstream repartition` belongs only to the blocks routed to this partition."""
+        headers = message.headers()
+        if not headers:
+            return line
+        for name, value in headers:
+            if name == BLOCKS_HEADER:
+                return dataclasses.replace(line, block_ids=tuple(value.decode().split(",")) if value else ())
+        return line
 
     def _submit(self, state: PartitionState, windows: list[Window]) -> None:
         for window in windows:

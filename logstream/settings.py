@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     state_topic: str | None = Field(
         None, description="topic holding open-session snapshots for exact replay (default: <group-id>.logstream-state)"
     )
+    repartition_topic: str | None = Field(
+        None, description="internal topic `logstream repartition` writes, keyed by block id (then run reads it)"
+    )
     kafka_option: dict[str, str] = Field(
         default_factory=dict,
         description="extra librdkafka settings for consumer and producer, e.g. security.protocol (JSON object in env)",
