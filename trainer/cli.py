@@ -11,7 +11,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "evaluate": "trainer.evaluate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

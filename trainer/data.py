@@ -269,7 +269,7 @@ def stratified_counts(anomalous: int, normal: int, cap: int) -> tuple[int, int]:
     if total <= cap:
         return anomalous, normal
     keep_anomalous = round(cap * anomalous / total)
-    if anomalous and cap > 1:
+    if anomalous:
         keep_anomalous = max(keep_anomalous, 1)
     if normal and cap > 1:
         keep_anomalous = min(keep_anomalous, cap - 1)
