@@ -201,6 +201,22 @@ def cmd_repartition(args: argparse.Namespace) -> int:
     return Repartitioner(settings, stop_event=stop).run()
 
 
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from logstream.basemodels import BaseModelError, resolve_embedder, resolve_llm
+
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    try:
+        bases = {"encoder": resolve_embedder(settings.embedder, settings.cache_dir),
+                 "LLM": resolve_llm(settings.llm, settings.cache_dir)}
+    except BaseModelError as exc:
+        print(f"logstream models prepare: {exc}", file=sys.stderr)
+        return 2
+    for role, base in bases.items():
+        print(f"{role} {base.ref}: {base.load_dir} (sha256 {base.sha256[:16]})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from logstream.demo import run_demo
 
@@ -258,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(repartition, only=REPARTITION_FIELDS)
     repartition.set_defaults(func=cmd_repartition)
+
+    models = sub.add_parser("models", help="base models of the LLM detectors").add_subparsers(dest="action",
+                                                                                           required=True)
+    prepare = models.add_parser("prepare", help="convert the LLM's GGUF once into a cached safetensors directory "
+                                "and hash both base models (setup runs it)")
+    add_settings_arguments(prepare, only=["embedder", "llm", "cache_dir", "log_level"])
+    prepare.set_defaults(func=cmd_models_prepare)
 
     demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
     demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm"])

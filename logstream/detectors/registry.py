@@ -10,6 +10,7 @@ from logstream.settings import Settings
 DETECTORS: dict[str, str] = {
     "null": "logstream.detectors.null:NullDetector",
     "novelty": "logstream.detectors.novelty:NoveltyDetector",
+    "logllm": "logstream.detectors.logllm:LogLLMDetector",
 }
 
 

@@ -1,0 +1,175 @@
+"""The `logllm` detector: LogLLM (BERT -> projector -> Llama) served on the fast path.
+
+Why it is fast (the paper's reference re-encodes every message of every window and decodes token
+by token):
+  - an embedding cache keyed by the masked message text: after masking a few hundred distinct
+    messages make up most traffic, so BERT runs on new messages only;
+  - a verdict cache keyed by the sequence of masked messages the model sees: identical windows
+    (bursts of one message, periodic jobs) are judged once;
+  - windows are batched (the scoring thread hands over up to `batch_size`), grouped by length to
+    limit padding, and judged by ONE forward pass each: the logits of the first token where
+    "The sequence is normal." and "... anomalous." differ give P(anomalous) = score / 100;
+  - `torch.inference_mode`, LoRA adapters merged into the base weights, CUDA when available.
+
+Cache counters count each distinct message (or window) of a batch once: a hit is work avoided.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from logstream.basemodels import BaseModelError
+from logstream.detectors.base import DetectorNotReady
+from logstream.logs import get_logger
+from logstream.lru import CountingLRU
+from logstream.model import PROMPT_VERSION, ArtifactError, LogLLM, artifact_fingerprint
+from logstream.records import Verdict, Window
+from logstream.settings import Settings
+
+log = get_logger(__name__)
+
+# Rows of one forward are grouped so the longest is at most this much longer than the shortest
+# (padding is wasted compute) and their padded tokens stay under a bound (activation memory).
+_LENGTH_RATIO = 1.5
+_MAX_TOKENS_PER_FORWARD = 8192
+
+
+def verdict_key(messages: Sequence[str]) -> bytes:
+    """A 128-bit digest of the message sequence (length-prefixed, so no two sequences share an encoding)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for message in messages:
+        data = message.encode()
+        digest.update(len(data).to_bytes(4, "little"))
+        digest.update(data)
+    return digest.digest()
+
+
+def length_groups(lengths: Sequence[int], fixed: int, max_tokens: int = _MAX_TOKENS_PER_FORWARD) -> list[list[int]]:
+    """Indices of rows grouped for one forward each: sorted by length, split on ratio and token budget."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        row = fixed + lengths[index]
+        if current and (row > _LENGTH_RATIO * (fixed + lengths[current[0]]) or row * (len(current) + 1) > max_tokens):
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
+
+
+class LogLLMDetector:
+    """Scores windows with a trained LogLLM artifact; owns the model and its two caches."""
+
+    name = "logllm"
+
+    def __init__(self, model: LogLLM, *, embedding_cache_size: int, verdict_cache_size: int,
+                 fingerprint: str = "") -> None:
+        self.model = model
+        self.version = f"{PROMPT_VERSION}+{fingerprint[:12]}" if fingerprint else str(PROMPT_VERSION)
+        self.embeddings: CountingLRU[str, Tensor] = CountingLRU(embedding_cache_size)
+        self.verdicts: CountingLRU[bytes, Verdict] = CountingLRU(verdict_cache_size)
+        self.encoded = 0  # messages BERT actually encoded
+        self.judged = 0  # windows the LLM actually judged
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LogLLMDetector:
+        if settings.model is None:
+            raise DetectorNotReady(
+                "--detector logllm needs --model DIR, a trained LogLLM artifact (`logstream-train fit ... "
+                "--output DIR`); an untrained projector would only produce noise"
+            )
+        try:
+            model = LogLLM.from_pretrained(
+                settings.model, cache_dir=settings.cache_dir, embedder=settings.embedder, llm=settings.llm,
+                device=settings.device, load_in_4bit=settings.load_in_4bit, max_messages=settings.max_messages,
+            )
+            fingerprint = artifact_fingerprint(settings.model)
+        except (ArtifactError, BaseModelError) as exc:
+            raise DetectorNotReady(str(exc)) from None
+        except ValueError as exc:  # e.g. a CUDA device or 4-bit requested where there is none
+            raise DetectorNotReady(f"cannot load LogLLM artifact {settings.model}: {exc}") from None
+        model.merge_lora()
+        detector = cls(model, embedding_cache_size=settings.embedding_cache_size,
+                       verdict_cache_size=settings.verdict_cache_size, fingerprint=fingerprint)
+        log.info("logllm_ready", model=str(settings.model), version=detector.version, device=str(model.device),
+                 max_messages=model.max_messages)
+        return detector
+
+    # --- scoring --------------------------------------------------------------------------------
+
+    def score(self, windows: Sequence[Window]) -> list[Verdict]:
+        """One verdict per window, in order; new windows are judged together in as few forwards as fit."""
+        started = time.perf_counter()
+        capped = [self.model.cap(window.templates) for window in windows]
+        keys = [verdict_key(messages) for messages in capped]
+        known: dict[bytes, Verdict] = {}
+        todo: dict[bytes, list[str]] = {}
+        for key, messages in zip(keys, capped):
+            if key in known or key in todo:
+                self.verdicts.count_hit()  # the same window twice in one batch
+                continue
+            verdict = self.verdicts.get(key)
+            if verdict is None:
+                todo[key] = messages
+            else:
+                known[key] = verdict
+        if todo:
+            probabilities = self._judge(list(todo.values()))
+            for key, p in zip(todo, probabilities):
+                verdict = Verdict(anomalous=p > 0.5, score=round(100.0 * p, 3))
+                known[key] = verdict
+                self.verdicts.put(key, verdict)
+        log.debug("logllm_batch", windows=len(windows), judged=len(todo),
+                  seconds=round(time.perf_counter() - started, 3))
+        return [known[key] for key in keys]
+
+    def _judge(self, windows: list[list[str]]) -> list[float]:
+        """P(anomalous) for windows not seen before."""
+        with torch.inference_mode():
+            vectors = self._message_vectors(dict.fromkeys(m for messages in windows for m in messages))
+            stacked = [torch.stack([vectors[m] for m in messages]) for messages in windows]  # B x [n, He]
+            fixed = len(self.model.prompt.head) + len(self.model.prompt.tail) + len(self.model.prompt.common)
+            result = [0.0] * len(windows)
+            for group in length_groups([len(messages) for messages in windows], fixed):
+                probabilities = self.model.anomaly_probability([stacked[i] for i in group]).tolist()
+                for index, p in zip(group, probabilities):
+                    result[index] = p
+        self.judged += len(windows)
+        return result
+
+    def _message_vectors(self, distinct: dict[str, None]) -> dict[str, Tensor]:
+        """Encoder vectors of the distinct messages: from the cache, else encoded now (and cached)."""
+        vectors: dict[str, Tensor] = {}
+        missing: list[str] = []
+        for message in distinct:
+            vector = self.embeddings.get(message)
+            if vector is None:
+                missing.append(message)
+            else:
+                vectors[message] = vector
+        if missing:
+            encoded = self.model.encode_messages(missing)  # [m, He]
+            for message, row in zip(missing, encoded):
+                row = row.clone()  # own storage: an evicted row must not pin its whole batch tensor
+                vectors[message] = row
+                self.embeddings.put(message, row)
+            self.encoded += len(missing)
+        return vectors
+
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) per cache, read by the pipeline's metrics after each batch."""
+        return {"embedding": self.embeddings.stats(), "verdict": self.verdicts.stats()}
+
+    def close(self) -> None:
+        """Drop the cached tensors (and hand freed CUDA memory back to the driver)."""
+        self.embeddings.clear()
+        self.verdicts.clear()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,587 @@
+"""LogLLM: BERT -> projector -> Llama. One model for the consumer's scoring and the trainer's fine-tuning.
+
+Reading order (top to bottom): constants of the prompt and the LoRA recipe, loading the two base
+models, the fixed prompt pieces as token ids, the `LogLLM` module (message encoding, prompt
+assembly, the one forward that gives the answer-token loss and the anomaly probability, the
+reference-style decoding), and the artifact on disk.
+
+The prompt (../shared/papers/NOTES.md), one row per window, left-padded in a batch:
+
+    <BOS> "Below is a sequence of system log messages:" v_1 ... v_n ". Is this sequence normal or anomalous? \n"
+          answer = "The sequence is normal." <EOS>  |  "The sequence is anomalous." <EOS>
+
+where v_j = projector(BERT pooler output of message j), one input embedding per message. Training
+puts the whole answer in the row and takes the cross-entropy of the answer tokens only. Scoring
+puts only the answers' common prefix ("The sequence is") in the row and compares, in one forward
+pass, the logits of the first token where the two answers differ; score = P(anomalous | the two).
+The reference-style path (`reference_answer`) instead decodes up to 6 tokens greedily and searches
+the text for normal|anomalous, as the paper's code does: it is the oracle and the benchmark baseline.
+
+Messages per window are capped at `max_messages`, keeping the LATEST ones: in a stream the lines
+that closed the window are the freshest evidence, and the cap is the same in training and serving.
+
+Shapes in comments: B windows, n messages of a window, T tokens of a message (<= 100), L prompt
+length, He encoder hidden size, H LLM hidden size, V vocabulary size, K kept logit positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from logstream.basemodels import BaseModel, BaseModelError, resolve_embedder, resolve_llm
+from logstream.logs import get_logger
+
+log = get_logger(__name__)
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+PROMPT_VERSION = 1  # bump when any text below changes: artifacts record it and refuse a mismatch
+PROMPT_HEAD = "Below is a sequence of system log messages:"
+PROMPT_TAIL = ". Is this sequence normal or anomalous? \n"
+ANSWER_NORMAL = "The sequence is normal."
+ANSWER_ANOMALOUS = "The sequence is anomalous."
+MAX_MESSAGE_TOKENS = 100  # BERT truncation per message
+DEFAULT_MAX_MESSAGES = 128  # messages per window given to the LLM (the latest kept)
+REFERENCE_MAX_NEW_TOKENS = 6  # the reference decodes this many tokens at most
+_REFERENCE_ANSWER = re.compile(r"normal|anomalous")
+
+ARTIFACT_KIND = "logllm"
+ARTIFACT_FORMAT = 1
+ARTIFACT_CONFIG = "logllm.json"
+PROJECTOR_FILE = "projector.safetensors"
+EMBEDDER_ADAPTER = "embedder_lora"
+LLM_ADAPTER = "llm_lora"
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """One LoRA adapter of the recipe (NOTES.md: BERT r=4 a=32 p=0.01 q,v; Llama r=8 a=16 p=0.1 q,v)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...]
+
+    def config(self, task_type: str | None) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.targets), bias="none", task_type=task_type)
+
+
+EMBEDDER_LORA = LoraSpec(r=4, alpha=32, dropout=0.01, targets=("query", "value"))
+LLM_LORA = LoraSpec(r=8, alpha=16, dropout=0.1, targets=("q_proj", "v_proj"))
+
+# What each training stage of the paper updates (`LogLLM.set_trainable(**TRAINABLE_BY_STAGE[s])`).
+TRAINABLE_BY_STAGE: dict[str, dict[str, bool]] = {
+    "1": {"projector": False, "embedder_lora": False, "llm_lora": True},  # LLM learns the answer template
+    "2-1": {"projector": True, "embedder_lora": False, "llm_lora": False},  # projector alone
+    "2-2": {"projector": True, "embedder_lora": True, "llm_lora": False},  # projector + BERT LoRA
+    "3": {"projector": True, "embedder_lora": True, "llm_lora": True},  # everything together
+}
+
+
+class ArtifactError(ValueError):
+    """A model artifact directory is missing, incomplete or of another kind; the message says which."""
+
+
+class BaseModelMismatch(ArtifactError):
+    """The base models given differ from those the artifact was trained on (content hashes differ)."""
+
+
+# --- devices and base models ----------------------------------------------------------------------
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The torch device to run on: as named, else CUDA when available, else CPU."""
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (half the memory, tensor cores), float32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load_embedder(base: BaseModel, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A BERT-family encoder whose *trained* pooler gives the message vector."""
+    tokenizer = AutoTokenizer.from_pretrained(base.load_dir)
+    model, info = AutoModel.from_pretrained(base.load_dir, dtype=compute_dtype(device), output_loading_info=True)
+    if getattr(model, "pooler", None) is None:
+        raise BaseModelError(f"encoder {base.ref} has no pooler; LogLLM needs a BERT-family model with one")
+    if any(key.startswith("pooler") or ".pooler." in key for key in info.get("missing_keys", ())):
+        raise BaseModelError(f"encoder {base.ref} has no trained pooler weights (they would be random)")
+    return model.to(device).eval(), tokenizer
+
+
+def _load_llm(base: BaseModel, device: torch.device, load_in_4bit: bool) -> tuple[PreTrainedModel,
+                                                                                   PreTrainedTokenizerBase]:
+    """A Llama-architecture causal LM; 4-bit NF4 with bf16 compute through bitsandbytes on CUDA."""
+    tokenizer = AutoTokenizer.from_pretrained(base.load_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(device)}
+    if load_in_4bit:
+        if device.type != "cuda":
+            raise ValueError("load_in_4bit needs a CUDA device (bitsandbytes NF4); on CPU the LLM runs in float32")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(base.load_dir, **kwargs)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if not set(LLM_LORA.targets) <= names:
+        raise BaseModelError(f"LLM {base.ref} ({model.config.model_type}) has no {'/'.join(LLM_LORA.targets)} "
+                             "projections; LogLLM needs a Llama-architecture model")
+    if not load_in_4bit:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+# --- the fixed pieces of the prompt, as token ids -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """Token ids of the prompt's text pieces for one LLM tokenizer (each piece tokenized on its own)."""
+
+    head: tuple[int, ...]  # BOS + PROMPT_HEAD
+    tail: tuple[int, ...]  # PROMPT_TAIL
+    normal: tuple[int, ...]  # ANSWER_NORMAL + EOS
+    anomalous: tuple[int, ...]  # ANSWER_ANOMALOUS + EOS
+    common: tuple[int, ...]  # the answers' shared prefix ("The sequence is")
+    decision: tuple[int, int]  # the first tokens where the answers differ: (normal, anomalous)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> Prompt:
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise BaseModelError("the LLM tokenizer needs a BOS and an EOS token")
+
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        normal = ids(ANSWER_NORMAL) + (tokenizer.eos_token_id,)
+        anomalous = ids(ANSWER_ANOMALOUS) + (tokenizer.eos_token_id,)
+        split = next((i for i, (a, b) in enumerate(zip(normal, anomalous)) if a != b), None)
+        if split is None:
+            raise BaseModelError("the tokenizer gives the two answers no differing token")
+        return cls(head=(tokenizer.bos_token_id, *ids(PROMPT_HEAD)), tail=ids(PROMPT_TAIL), normal=normal,
+                   anomalous=anomalous, common=normal[:split], decision=(normal[split], anomalous[split]))
+
+    def answer(self, anomalous: bool) -> tuple[int, ...]:
+        return self.anomalous if anomalous else self.normal
+
+
+@dataclass(slots=True)
+class Batch:
+    """Left-padded model inputs for B windows."""
+
+    inputs_embeds: Tensor  # [B, L, H] (pad rows are zeros, masked out)
+    attention_mask: Tensor  # [B, L] 1 = real position
+    position_ids: Tensor  # [B, L] 0.. over the real positions of each row
+    labels: Tensor | None  # [B, L] token id at answer positions, -100 elsewhere (training only)
+    answer_lengths: list[int]  # tokens appended after the prompt, per row
+
+
+@dataclass(slots=True)
+class LogLLMOutput:
+    loss: Tensor | None  # mean cross-entropy over answer tokens (None without labels)
+    p_anomalous: Tensor  # [B] P(anomalous | the two answers), float32
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceAnswer:
+    text: str  # what greedy decoding produced (special tokens removed)
+    anomalous: bool | None  # first normal|anomalous in the text; None when the text names neither
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+class LogLLM(nn.Module):
+    """BERT encoder (+ LoRA) -> Linear projector -> Llama decoder (+ LoRA), built once and shared."""
+
+    def __init__(
+        self,
+        embedder: nn.Module,
+        embedder_tokenizer: PreTrainedTokenizerBase,
+        projector: nn.Linear,
+        llm: nn.Module,
+        llm_tokenizer: PreTrainedTokenizerBase,
+        *,
+        embedder_base: BaseModel,
+        llm_base: BaseModel,
+        device: torch.device,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_message_tokens: int = MAX_MESSAGE_TOKENS,
+    ) -> None:
+        super().__init__()
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+        self.embedder = embedder
+        self.projector = projector
+        self.llm = llm
+        self.embedder_tokenizer = embedder_tokenizer
+        self.llm_tokenizer = llm_tokenizer
+        self.embedder_base, self.llm_base = embedder_base, llm_base
+        self.device = device
+        self.max_messages = max_messages
+        self.max_message_tokens = max_message_tokens
+        self.prompt = Prompt.for_tokenizer(llm_tokenizer)
+        self.merged = False  # adapters folded into the base weights (inference only; cannot be saved)
+        self.eval()
+
+    # --- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        embedder: str | Path | None = None,
+        llm: str | Path | None = None,
+        cache_dir: Path,
+        device: str | torch.device | None = None,
+        load_in_4bit: bool = False,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        seed: int | None = None,
+    ) -> LogLLM:
+        """A fresh model from the base models (None: the embedded defaults), new projector, no adapters yet."""
+        embedder_base, llm_base = resolve_embedder(embedder, cache_dir), resolve_llm(llm, cache_dir)
+        return cls._from_bases(embedder_base, llm_base, device, load_in_4bit, max_messages, seed)
+
+    @classmethod
+    def _from_bases(cls, embedder_base: BaseModel, llm_base: BaseModel, device: str | torch.device | None,
+                    load_in_4bit: bool, max_messages: int, seed: int | None = None) -> LogLLM:
+        hf_logging.disable_progress_bar()  # one JSON log line per event, not progress bars on stderr
+        target = device if isinstance(device, torch.device) else pick_device(device)
+        started = time.perf_counter()
+        embedder, embedder_tokenizer = _load_embedder(embedder_base, target)
+        llm, llm_tokenizer = _load_llm(llm_base, target, load_in_4bit)
+        if seed is not None:
+            torch.manual_seed(seed)
+        # The projector stays float32 (trainable, small); its output is cast to the LLM's dtype.
+        projector = nn.Linear(embedder.config.hidden_size, llm.config.hidden_size, bias=True).to(target)
+        log.info("logllm_base_models_loaded", embedder=embedder_base.ref, llm=llm_base.ref, device=str(target),
+                 load_in_4bit=load_in_4bit, seconds=round(time.perf_counter() - started, 1))
+        return cls(embedder, embedder_tokenizer, projector, llm, llm_tokenizer, embedder_base=embedder_base,
+                   llm_base=llm_base, device=target, max_messages=max_messages)
+
+    @property
+    def has_lora(self) -> bool:
+        return isinstance(self.embedder, PeftModel) and isinstance(self.llm, PeftModel)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(getattr(self.llm, "is_loaded_in_4bit", False))
+
+    def attach_lora(self) -> None:
+        """Add fresh adapters to both models (B = 0: the model computes exactly what it did before)."""
+        if self.has_lora or self.merged:
+            raise RuntimeError("adapters are attached already")
+        if self.quantized:
+            self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
+        self.embedder = get_peft_model(self.embedder, EMBEDDER_LORA.config(task_type=None))
+        self.llm = get_peft_model(self.llm, LLM_LORA.config(task_type="CAUSAL_LM"))
+        self.set_trainable(projector=True, embedder_lora=True, llm_lora=True)
+
+    def set_trainable(self, *, projector: bool, embedder_lora: bool, llm_lora: bool) -> None:
+        """Choose what the optimizer updates; base weights always stay frozen (see TRAINABLE_BY_STAGE)."""
+        if not self.has_lora:
+            raise RuntimeError("attach_lora() (or load an artifact with trainable=True) first")
+        for parameter in self.projector.parameters():
+            parameter.requires_grad_(projector)
+        for part, enabled in ((self.embedder, embedder_lora), (self.llm, llm_lora)):
+            for name, parameter in part.named_parameters():
+                parameter.requires_grad_(enabled and "lora_" in name)
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((name, p) for name, p in self.named_parameters() if p.requires_grad)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (CUDA memory); non-reentrant, so frozen inputs still work."""
+        for part in (self.embedder, self.llm):
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights: same function, fewer matmuls. Inference only."""
+        if not self.has_lora:
+            raise RuntimeError("no adapters to merge")
+        if self.quantized:
+            log.info("lora_merge_skipped", reason="4-bit weights would be re-quantized")
+            return
+        self.embedder = self.embedder.merge_and_unload()
+        self.llm = self.llm.merge_and_unload()
+        self.merged = True
+
+    # --- messages -> vectors ------------------------------------------------------------------
+
+    def cap(self, messages: Sequence[str]) -> list[str]:
+        """The messages the model sees: the latest `max_messages`."""
+        return list(messages[-self.max_messages:])
+
+    def encode_batch(self, messages: Sequence[str]) -> Tensor:
+        """BERT pooler output of each message, in one padded batch, no deduplication. [n] -> [n, He]."""
+        tokens = self.embedder_tokenizer(list(messages), padding=True, truncation=True,
+                                         max_length=self.max_message_tokens, return_tensors="pt").to(self.device)
+        embedder_frozen = not any(p.requires_grad for p in self.embedder.parameters())
+        with torch.no_grad() if embedder_frozen else contextlib.nullcontext():
+            return self.embedder(**tokens).pooler_output  # [n, T] -> [n, He]
+
+    def encode_messages(self, messages: Sequence[str], chunk: int = 256) -> Tensor:
+        """Pooler outputs with each distinct message encoded once, in length-sorted chunks. [n] -> [n, He]."""
+        distinct = sorted(dict.fromkeys(messages), key=len)
+        rows = [self.encode_batch(distinct[i:i + chunk]) for i in range(0, len(distinct), chunk)]
+        vectors = torch.cat(rows)  # [distinct, He]
+        where = {text: i for i, text in enumerate(distinct)}
+        return vectors[torch.tensor([where[m] for m in messages], device=vectors.device)]
+
+    def project(self, vectors: Tensor) -> Tensor:
+        """Encoder space -> LLM input-embedding space. [n, He] -> [n, H] in the LLM's dtype."""
+        llm_dtype = self.llm.get_input_embeddings().weight.dtype
+        return self.projector(vectors.to(self.projector.weight.dtype)).to(llm_dtype)
+
+    # --- prompt assembly ----------------------------------------------------------------------
+
+    def _embed_ids(self, ids: Sequence[int]) -> Tensor:
+        return self.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))  # [t, H]
+
+    def assemble(self, projected: Sequence[Tensor], endings: Sequence[Sequence[int]],
+                 labels: Sequence[bool] | None = None) -> Batch:
+        """Rows `head + messages + tail + ending`, left-padded; `labels` marks the endings as answer tokens."""
+        head, tail = self._embed_ids(self.prompt.head), self._embed_ids(self.prompt.tail)  # [h, H], [t, H]
+        rows = [torch.cat([head, vectors, tail, self._embed_ids(ending)]) if ending else
+                torch.cat([head, vectors, tail]) for vectors, ending in zip(projected, endings)]  # [L_i, H]
+        lengths = [row.shape[0] for row in rows]
+        embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_side="left")  # [B, L, H]
+        width = embeds.shape[1]
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, length in enumerate(lengths):
+            mask[i, width - length:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]: as if each row started at position 0
+        target = None
+        if labels is not None:
+            target = torch.full((len(rows), width), -100, dtype=torch.long, device=self.device)
+            for i, ending in enumerate(endings):
+                target[i, width - len(ending):] = torch.tensor(ending, device=self.device)
+        return Batch(embeds, mask, positions, target, [len(e) for e in endings])
+
+    def _llm_logits(self, batch: Batch, keep: int) -> Tensor:
+        """Logits of the last `keep` positions only (the vocabulary projection is the costly part). [B, K, V]"""
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep)
+        return out.logits
+
+    # --- the forward: loss for training, probability for scoring ------------------------------
+
+    def forward(self, windows: Sequence[Sequence[str]], labels: Sequence[bool] | None = None) -> LogLLMOutput:
+        """B windows of masked messages -> answer-token loss (with labels) and P(anomalous) per window.
+
+        With labels the rows carry the full answers and the loss is the mean cross-entropy over the
+        answer tokens (prompt and padding masked with -100); without labels the rows stop at the
+        answers' common prefix, as in scoring.
+        """
+        capped = [self.cap(w) for w in windows]
+        if any(not w for w in capped):
+            raise ValueError("every window needs at least one message")
+        flat = [m for w in capped for m in w]
+        vectors = self.project(self.encode_messages(flat))  # [sum n, H]
+        projected = list(torch.split(vectors, [len(w) for w in capped]))  # B x [n, H]
+        if labels is None:
+            return LogLLMOutput(None, self.anomaly_probability_projected(projected))
+        if len(labels) != len(windows):
+            raise ValueError(f"{len(labels)} labels for {len(windows)} windows")
+        endings = [self.prompt.answer(bool(label)) for label in labels]
+        batch = self.assemble(projected, endings, labels)
+        keep = max(batch.answer_lengths) + 1
+        logits = self._llm_logits(batch, keep).float()  # [B, K, V]
+        assert batch.labels is not None
+        targets = batch.labels[:, -keep + 1:]  # [B, K-1]: the token each kept position (but the last) predicts
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        # The decision logit of row i sits just before its first differing answer token.
+        split = len(self.prompt.common)
+        at = torch.tensor([keep - n + split - 1 for n in batch.answer_lengths], device=logits.device)
+        pair = logits[torch.arange(len(endings), device=logits.device), at][:, list(self.prompt.decision)]
+        return LogLLMOutput(loss, pair.softmax(-1)[:, 1])
+
+    def loss(self, windows: Sequence[Sequence[str]], labels: Sequence[bool]) -> Tensor:
+        output = self(windows, labels)
+        assert output.loss is not None
+        return output.loss
+
+    def anomaly_probability_projected(self, projected: Sequence[Tensor]) -> Tensor:
+        """One forward over B rows ending in the answers' common prefix. B x [n, H] -> [B] float32."""
+        batch = self.assemble(projected, [self.prompt.common] * len(projected))
+        logits = self._llm_logits(batch, keep=1)[:, -1]  # [B, V]
+        pair = logits[:, list(self.prompt.decision)].float()  # [B, 2]: (normal, anomalous)
+        return pair.softmax(-1)[:, 1]
+
+    def anomaly_probability(self, vectors: Sequence[Tensor]) -> Tensor:
+        """From encoder vectors (e.g. cached ones): B x [n, He] -> [B] P(anomalous | the two answers)."""
+        return self.anomaly_probability_projected([self.project(v) for v in vectors])
+
+    # --- the reference-style path (oracle and benchmark baseline) -----------------------------
+
+    def reference_answer(self, messages: Sequence[str]) -> ReferenceAnswer:
+        """The paper's way, one window at a time: encode every message, decode greedily, search the text."""
+        capped = self.cap(messages)
+        if not capped:
+            raise ValueError("a window needs at least one message")
+        projected = self.project(self.encode_batch(capped))  # [n, H]: every message re-encoded
+        batch = self.assemble([projected], [()])  # the prompt ends with PROMPT_TAIL
+        generated = self.llm.generate(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+            max_new_tokens=REFERENCE_MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+            eos_token_id=self.llm_tokenizer.eos_token_id, pad_token_id=self.llm_tokenizer.pad_token_id,
+        )  # [1, <= 6] new tokens only (decoder-only with inputs_embeds)
+        text = self.llm_tokenizer.decode(generated[0], skip_special_tokens=True)
+        match = _REFERENCE_ANSWER.search(text)
+        return ReferenceAnswer(text=text, anomalous=None if match is None else match.group(0) == "anomalous")
+
+    # --- the artifact -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write the artifact: logllm.json, projector.safetensors, embedder_lora/ and llm_lora/ (PEFT).
+
+        Written beside the target and swapped in, so a reader never sees a half-written artifact.
+        """
+        if self.merged or not self.has_lora:
+            raise RuntimeError("only a model with (unmerged) adapters can be saved; call attach_lora() first")
+        directory = Path(directory)
+        partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file({"weight": self.projector.weight.detach().float().cpu().contiguous(),
+                   "bias": self.projector.bias.detach().float().cpu().contiguous()},
+                  str(partial / PROJECTOR_FILE), metadata={"format": "pt"})
+        self.embedder.save_pretrained(partial / EMBEDDER_ADAPTER)
+        self.llm.save_pretrained(partial / LLM_ADAPTER)
+        config = {
+            "kind": ARTIFACT_KIND,
+            "format_version": ARTIFACT_FORMAT,
+            "prompt_version": PROMPT_VERSION,
+            "prompt": {"head": PROMPT_HEAD, "tail": PROMPT_TAIL, "answers": [ANSWER_NORMAL, ANSWER_ANOMALOUS]},
+            "embedder": {"ref": self.embedder_base.ref, "sha256": self.embedder_base.sha256,
+                         "hidden_size": self.projector.in_features},
+            "llm": {"ref": self.llm_base.ref, "sha256": self.llm_base.sha256,
+                    "hidden_size": self.projector.out_features},
+            "max_message_tokens": self.max_message_tokens,
+            "max_messages": self.max_messages,
+            "lora": {"embedder": asdict(EMBEDDER_LORA), "llm": asdict(LLM_LORA)},
+            "created_at": time.time(),
+        }
+        (partial / ARTIFACT_CONFIG).write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
+        old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+        if directory.exists():
+            directory.rename(old)
+        partial.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("logllm_artifact_saved", path=str(directory), fingerprint=artifact_fingerprint(directory)[:12])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: Path,
+        *,
+        cache_dir: Path,
+        embedder: str | Path | None = None,
+        llm: str | Path | None = None,
+        device: str | torch.device | None = None,
+        load_in_4bit: bool = False,
+        max_messages: int | None = None,
+        trainable: bool = False,
+    ) -> LogLLM:
+        """Load an artifact onto its base models (given, else those it records); hashes must match."""
+        config = read_artifact_config(directory)
+        embedder_base = resolve_embedder(embedder if embedder is not None else config["embedder"]["ref"], cache_dir)
+        llm_base = resolve_llm(llm if llm is not None else config["llm"]["ref"], cache_dir)
+        for role, base, flag in (("encoder", embedder_base, "--embedder"), ("LLM", llm_base, "--llm")):
+            recorded = config["embedder" if role == "encoder" else "llm"]
+            if base.sha256 != recorded["sha256"]:
+                raise BaseModelMismatch(
+                    f"model artifact {directory} was trained on the {role} {recorded['ref']} "
+                    f"(sha256 {recorded['sha256'][:16]}), but {base.ref} has sha256 {base.sha256[:16]}; "
+                    f"pass {flag} pointing at the {role} the artifact was trained on"
+                )
+        model = cls._from_bases(embedder_base, llm_base, device, load_in_4bit,
+                                max_messages if max_messages is not None else int(config["max_messages"]))
+        if max_messages is not None and max_messages != config["max_messages"]:
+            log.warning("logllm_max_messages_differs", trained=config["max_messages"], serving=max_messages)
+        weights = load_file(str(directory / PROJECTOR_FILE))
+        expected = (model.projector.out_features, model.projector.in_features)
+        if tuple(weights["weight"].shape) != expected:
+            raise ArtifactError(f"{directory / PROJECTOR_FILE} has shape {tuple(weights['weight'].shape)}, "
+                                f"the base models need {expected}")
+        model.projector.load_state_dict(weights)
+        if model.quantized and trainable:
+            model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
+        model.embedder = PeftModel.from_pretrained(model.embedder, directory / EMBEDDER_ADAPTER, is_trainable=trainable)
+        model.llm = PeftModel.from_pretrained(model.llm, directory / LLM_ADAPTER, is_trainable=trainable)
+        if not model.quantized:
+            model.to(model.device)
+        model.set_trainable(projector=trainable, embedder_lora=trainable, llm_lora=trainable)
+        model.eval()
+        return model
+
+
+def read_artifact_config(directory: Path) -> dict[str, Any]:
+    """The artifact's logllm.json, checked for kind, format and prompt version, and its files present."""
+    directory = Path(directory)
+    path = directory / ARTIFACT_CONFIG
+    if not directory.is_dir():
+        raise ArtifactError(f"model artifact {directory} is not a directory")
+    try:
+        config = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} is not a LogLLM artifact (no {ARTIFACT_CONFIG})") from None
+    except orjson.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("kind") != ARTIFACT_KIND:
+        raise ArtifactError(f"{path} is not a LogLLM artifact (kind {config.get('kind')!r})")
+    if config.get("format_version") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path} has format version {config.get('format_version')}; this logstream reads "
+                            f"{ARTIFACT_FORMAT}")
+    if config.get("prompt_version") != PROMPT_VERSION:
+        raise ArtifactError(f"{path} was trained with prompt version {config.get('prompt_version')}; this "
+                            f"logstream uses {PROMPT_VERSION}: retrain")
+    for name in (PROJECTOR_FILE, f"{EMBEDDER_ADAPTER}/adapter_config.json", f"{LLM_ADAPTER}/adapter_config.json"):
+        if not (directory / name).is_file():
+            raise ArtifactError(f"model artifact {directory} is incomplete: {name} is missing")
+    return config
+
+
+def artifact_fingerprint(directory: Path) -> str:
+    """sha256 over the artifact's own files (small: config, projector, adapters) — names this exact model."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
