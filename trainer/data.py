@@ -34,7 +34,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,7 @@ def load_split(
 ) -> Split:
     """Windows of a dump split as in the paper (see the module docstring).
 
+    `window_size` / `window_stride` shape the count windows of BGL, Thunderbird and Liberty.
     `session_options` (HDFS only) are the session windower's `gap`, `grace`, `max_lines` and
     `max_open`; unset ones take the consumer's defaults, except `gap` and `max_open` (HDFS values).
     """
@@ -327,14 +328,13 @@ def _chronological_split(
     max_windows: int | None,
 ) -> Split:
     bad: Counter[str] = Counter()
-    lines: Callable[[], Iterator[LogLine]]
+    lines: Iterator[LogLine]  # generators: nothing is read until the loop below
     if is_logllm_csv(logs):
         source, records = "logllm-csv", _count_csv_rows(logs)
-        lines = lambda: iter_logllm_csv(logs, bad)  # noqa: E731
+        lines = iter_logllm_csv(logs, bad)
     else:
         source, records = FORMATS[dataset], count_records(logs)
-        parser = LineParser(FORMATS[dataset])
-        lines = lambda: iter_log_lines(logs, parser, bad=bad)  # noqa: E731
+        lines = iter_log_lines(logs, LineParser(FORMATS[dataset]), bad=bad)
     boundary = int(records * train_fraction)
     parts = {"train": _Part(max_windows, rng), "test": _Part(max_windows, rng)}
     windowers = {name: make_windower("count", logs.name, 0, size=window_size, stride=window_stride)
@@ -353,7 +353,7 @@ def _chronological_split(
                 continue
             parts[name].add(LabeledWindow(window, label))
 
-    for line in lines():
+    for line in lines:
         name = "train" if line.offset < boundary else "test"
         if name == "train":
             train_last_time = max(train_last_time, line.event_time)

@@ -138,7 +138,9 @@ def test_hdfs_split_by_block_is_reproducible_and_disjoint() -> None:
     first = load_split("hdfs", HDFS_LOG, HDFS_LABELS, seed=7)
     again = load_split("hdfs", HDFS_LOG, HDFS_LABELS, seed=7)
     other = load_split("hdfs", HDFS_LOG, HDFS_LABELS, seed=8)
-    keys = lambda part: [w.window.key for w in part]  # noqa: E731
+    def keys(part: list[LabeledWindow]) -> list[str]:
+        return [w.window.key for w in part]
+
     assert keys(first.train) == keys(again.train) and keys(first.test) == keys(again.test)
     assert set(keys(first.test)) != set(keys(other.test))
     assert not set(keys(first.train)) & set(keys(first.test))
