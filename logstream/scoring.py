@@ -71,7 +71,11 @@ class ScoringWorker:
     def submit(self, job: ScoreJob) -> None:
         with self._cond:
             self._queue.append(job)
-            self._cond.notify_all()
+            queued = len(self._queue)
+            # Wake the scorer only when it can act: it waits for a first job, then for a full batch
+            # (or its deadline). Waking it on every job costs a thread switch per window.
+            if queued == 1 or queued == self.batch_size:
+                self._cond.notify_all()
 
     def take_results(self) -> list[ScoreResult]:
         with self._cond:
