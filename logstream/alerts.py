@@ -43,28 +43,48 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def representative_lines(window: Window, verdict: Verdict) -> list[dict[str, Any]]:
-    """Up to five lines: those the detector named first, then the first line of each rarest template."""
-    chosen: list[int] = []
-    for item in verdict.evidence:
-        index = item.get("line")
-        if isinstance(index, int) and 0 <= index < window.size and index not in chosen:
-            chosen.append(index)
-    counts = window.template_counts()
+def _index_templates(window: Window) -> tuple[dict[str, int], dict[str, int]]:
+    """Count per template and index of its first line, in one pass (first-occurrence order)."""
+    counts: dict[str, int] = {}
     first_of: dict[str, int] = {}
     for i, line in enumerate(window.lines):
-        first_of.setdefault(line.template, i)
-    for template in sorted(first_of, key=lambda t: (counts[t], first_of[t])):
-        if first_of[template] not in chosen:
-            chosen.append(first_of[template])
-    return [
-        {"offset": window.lines[i].offset, "line": window.lines[i].raw[:MAX_LINE_CHARS]}
-        for i in chosen[:MAX_SAMPLE_LINES]
-    ]
+        template = line.template
+        seen = counts.get(template)
+        if seen is None:
+            counts[template] = 1
+            first_of[template] = i
+        else:
+            counts[template] = seen + 1
+    return counts, first_of
+
+
+def representative_lines(
+    window: Window, verdict: Verdict, index: tuple[dict[str, int], dict[str, int]] | None = None
+) -> list[dict[str, Any]]:
+    """Up to five lines: those the detector named first, then the first line of each rarest template."""
+    counts, first_of = index if index is not None else _index_templates(window)
+    chosen: list[int] = []
+    for item in verdict.evidence:
+        line_index = item.get("line")
+        if isinstance(line_index, int) and 0 <= line_index < window.size and line_index not in chosen:
+            chosen.append(line_index)
+    if len(chosen) < MAX_SAMPLE_LINES:
+        for template in sorted(first_of, key=lambda t: (counts[t], first_of[t])):
+            if first_of[template] not in chosen:
+                chosen.append(first_of[template])
+                if len(chosen) == MAX_SAMPLE_LINES:
+                    break
+    picked = [window.lines[i] for i in chosen[:MAX_SAMPLE_LINES]]
+    return [{"offset": line.offset, "line": line.raw[:MAX_LINE_CHARS]} for line in picked]
 
 
 def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_version: str) -> dict[str, Any]:
-    counts = window.template_counts()
+    """The alert document (see the schema); one pass over the lines for counts, samples and times."""
+    index = _index_templates(window)
+    counts = index[0]
+    # most frequent first, ties in first-occurrence order (what Counter.most_common gives)
+    top = sorted(counts.items(), key=_count_of, reverse=True)[:MAX_TEMPLATES]
+    times = [line.event_time for line in window.lines]
     return {
         "schema_version": SCHEMA_VERSION,
         "alert_id": alert_id(window, detector_name),
@@ -82,18 +102,22 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
             "first_offset": window.first_offset,
             "last_offset": window.last_offset,
         },
-        "event_time": {"first": _iso(window.first_event_time), "last": _iso(window.last_event_time)},
+        "event_time": {"first": _iso(min(times)), "last": _iso(max(times))},
         "verdict": {
             "label": "anomalous" if verdict.anomalous else "normal",
             "score": round(float(verdict.score), 3),
             "severity": severity(verdict),
         },
-        "templates": [{"template": t, "count": c} for t, c in counts.most_common(MAX_TEMPLATES)],
+        "templates": [{"template": t, "count": c} for t, c in top],
         "distinct_templates": len(counts),
-        "sample_lines": representative_lines(window, verdict),
+        "sample_lines": representative_lines(window, verdict, index),
         "evidence": [dict(item) for item in verdict.evidence],
         "created_at": _iso(time.time()),
     }
+
+
+def _count_of(item: tuple[str, int]) -> int:
+    return item[1]
 
 
 def encode_alert(alert: dict[str, Any]) -> bytes:
