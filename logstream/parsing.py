@@ -12,6 +12,7 @@ ids), contains a `/` (file paths, URLs), or is a long run of hex letters (hex id
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class ParsedLine:
     label: bool | None
 
 
+Fields = tuple[str, "float | None", "bool | None"]  # a ParsedLine's fields, in order
+
+
 def mask(content: str) -> str:
     """Replace variable tokens by `<*>` (see the module docstring for the rule)."""
     return _VARIABLE_TOKEN.sub(MASK, content)
@@ -77,8 +81,7 @@ def _hdfs_time(date: str, time: str) -> float:
     return float(day + int(time[0:2]) * 3600 + int(time[2:4]) * 60 + int(time[4:6]))
 
 
-def parse_hdfs(line: str) -> ParsedLine:
-    """`<Date yymmdd> <Time hhmmss> <Pid> <Level> <Component>: <Content>`; labels live in a block file."""
+def _hdfs_fields(line: str) -> Fields:
     match = _HDFS.match(line)
     if match is None:
         raise BadRecord("unparseable", "not an HDFS line")
@@ -87,7 +90,12 @@ def parse_hdfs(line: str) -> ParsedLine:
         event_time = _hdfs_time(date, time)
     except ValueError as exc:
         raise BadRecord("unparseable", f"bad HDFS timestamp: {exc}") from None
-    return ParsedLine(content or "", event_time, None)
+    return content or "", event_time, None
+
+
+def parse_hdfs(line: str) -> ParsedLine:
+    """`<Date yymmdd> <Time hhmmss> <Pid> <Level> <Component>: <Content>`; labels live in a block file."""
+    return ParsedLine(*_hdfs_fields(line))
 
 
 def _alert_label(tag: str) -> bool:
@@ -102,12 +110,7 @@ def _header_time(fields: list[str]) -> float:
     return float(stamp)
 
 
-def parse_bgl(line: str) -> ParsedLine:
-    """`<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>`.
-
-    The content may be empty (real BGL lines with only a header). The event time is the unix
-    timestamp with the microseconds of the Time field.
-    """
+def _bgl_fields(line: str) -> Fields:
     fields = line.split(None, 9)
     if len(fields) < 9:
         raise BadRecord("unparseable", f"BGL line has {len(fields)} of 9 header fields")
@@ -115,30 +118,47 @@ def parse_bgl(line: str) -> ParsedLine:
     micros = fields[4].rpartition(".")[2]
     if len(micros) == 6 and micros.isdigit():
         event_time += int(micros) / 1e6
-    return ParsedLine(fields[9] if len(fields) == 10 else "", event_time, _alert_label(fields[0]))
+    return fields[9] if len(fields) == 10 else "", event_time, _alert_label(fields[0])
+
+
+def parse_bgl(line: str) -> ParsedLine:
+    """`<Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>`.
+
+    The content may be empty (real BGL lines with only a header). The event time is the unix
+    timestamp with the microseconds of the Time field.
+    """
+    return ParsedLine(*_bgl_fields(line))
+
+
+def _thunderbird_fields(line: str) -> Fields:
+    fields = line.split(None, 8)
+    if len(fields) < 8:
+        raise BadRecord("unparseable", f"line has {len(fields)} of 8 header fields")
+    return fields[8] if len(fields) == 9 else "", _header_time(fields), _alert_label(fields[0])
 
 
 def parse_thunderbird(line: str) -> ParsedLine:
     """`<Label> <Timestamp> <Date> <Admin> <Month> <Day> <Time> <AdminAddr> <Content>` (Liberty too)."""
-    fields = line.split(None, 8)
-    if len(fields) < 8:
-        raise BadRecord("unparseable", f"line has {len(fields)} of 8 header fields")
-    return ParsedLine(fields[8] if len(fields) == 9 else "", _header_time(fields), _alert_label(fields[0]))
+    return ParsedLine(*_thunderbird_fields(line))
 
 
-def parse_generic(line: str) -> ParsedLine:
-    """The whole line is the content, after an optional leading ISO-8601 timestamp."""
+def _generic_fields(line: str) -> Fields:
     match = _ISO_PREFIX.match(line)
     if match is None:
-        return ParsedLine(line, None, None)
+        return line, None, None
     stamp = match.group(1).replace(",", ".")
     try:
         parsed = datetime.fromisoformat(stamp)
     except ValueError:
-        return ParsedLine(line, None, None)
+        return line, None, None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return ParsedLine(line[match.end() :], parsed.timestamp(), None)
+    return line[match.end() :], parsed.timestamp(), None
+
+
+def parse_generic(line: str) -> ParsedLine:
+    """The whole line is the content, after an optional leading ISO-8601 timestamp."""
+    return ParsedLine(*_generic_fields(line))
 
 
 FORMATS: dict[str, Callable[[str], ParsedLine]] = {
@@ -147,6 +167,16 @@ FORMATS: dict[str, Callable[[str], ParsedLine]] = {
     "thunderbird": parse_thunderbird,
     "liberty": parse_thunderbird,
     "generic": parse_generic,
+}
+
+
+# The same formats as plain tuples, for the per-record path (no ParsedLine object per line).
+_FIELDS: dict[str, Callable[[str], Fields]] = {
+    "hdfs": _hdfs_fields,
+    "bgl": _bgl_fields,
+    "thunderbird": _thunderbird_fields,
+    "liberty": _thunderbird_fields,
+    "generic": _generic_fields,
 }
 
 
@@ -166,7 +196,7 @@ def decode_record(value: bytes | None, max_bytes: int) -> str:
     One trailing line terminator is removed (loghub files use CRLF). Embedded newlines are kept
     (multi-line records such as stack traces are one message).
     """
-    if value is None or len(value) == 0:
+    if not value:
         raise BadRecord("empty")
     if len(value) > max_bytes:
         raise BadRecord("too_large", f"{len(value)} bytes > {max_bytes}")
@@ -176,21 +206,65 @@ def decode_record(value: bytes | None, max_bytes: int) -> str:
         raise BadRecord("undecodable", f"invalid UTF-8 at byte {exc.start}") from None
     if text.endswith("\n"):
         text = text[:-2] if text.endswith("\r\n") else text[:-1]
-    if not text.strip():
+    if not text or text.isspace():  # what `not text.strip()` says, without building a copy
         raise BadRecord("empty")
-    bad = _CONTROL.search(text)
-    if bad is not None:
-        raise BadRecord("control_characters", f"byte 0x{ord(bad.group()):02x} at {bad.start()}")
+    if not text.isprintable():  # every control character is unprintable: most lines skip the search
+        bad = _CONTROL.search(text)
+        if bad is not None:
+            raise BadRecord("control_characters", f"byte 0x{ord(bad.group()):02x} at {bad.start()}")
     return text
 
 
+def _line_factory() -> Callable[[str, int, int, str, str, float, bool | None, tuple[str, ...]], LogLine]:
+    """A LogLine constructor that sets the slots directly.
+
+    The frozen dataclass `__init__` goes through `object.__setattr__` once per field, about half of
+    the cost of building a line; the object made here is the same (same class, same slot values,
+    still frozen). Should LogLine ever gain a `__post_init__` or change its fields, the plain
+    constructor is used instead.
+    """
+    names = ("topic", "partition", "offset", "raw", "template", "event_time", "label", "block_ids")
+    if tuple(f.name for f in dataclasses.fields(LogLine)) != names or hasattr(LogLine, "__post_init__"):
+        return LogLine
+    s0, s1, s2, s3, s4, s5, s6, s7 = (getattr(LogLine, name).__set__ for name in names)
+    new = object.__new__
+
+    def make(topic: str, partition: int, offset: int, raw: str, template: str, event_time: float,
+             label: bool | None, block_ids: tuple[str, ...]) -> LogLine:
+        line = new(LogLine)
+        s0(line, topic)
+        s1(line, partition)
+        s2(line, offset)
+        s3(line, raw)
+        s4(line, template)
+        s5(line, event_time)
+        s6(line, label)
+        s7(line, block_ids)
+        return line
+
+    return make
+
+
+_new_line = _line_factory()
+
+TEMPLATE_CACHE_ENTRIES = 16_384
+TEMPLATE_CACHE_MAX_CHARS = 512
+
+
 class LineParser:
-    """Turns records of one format into `LogLine`s; the one entry point for consumer and trainer."""
+    """Turns records of one format into `LogLine`s; the one entry point for consumer and trainer.
+
+    Keeps a bounded content -> template map: masking is the costliest step per line and many real
+    contents repeat verbatim (BGL: 60% of lines). Only short contents are kept and the map is
+    emptied when full, so its memory stays bounded (about 16k x 1 KB at worst).
+    """
 
     def __init__(self, fmt: str, max_line_bytes: int = 1_048_576) -> None:
         self.format = fmt
         self.max_line_bytes = max_line_bytes
-        self._parse = parser_for(fmt)
+        parser_for(fmt)  # refuses an unknown format with the list of known ones
+        self._fields = _FIELDS[fmt]
+        self._templates: dict[str, str] = {}
 
     def parse(
         self,
@@ -202,18 +276,19 @@ class LineParser:
         record_time: float,
     ) -> LogLine:
         """Parse one record; `record_time` (Kafka timestamp, seconds) stands in for a missing line time."""
-        text = decode_record(value, self.max_line_bytes)
-        return self.parse_text(text, topic=topic, partition=partition, offset=offset, record_time=record_time)
+        return self._line(decode_record(value, self.max_line_bytes), topic, partition, offset, record_time)
 
     def parse_text(self, text: str, *, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
-        parsed = self._parse(text)
-        return LogLine(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            raw=text,
-            template=mask(parsed.content),
-            event_time=parsed.event_time if parsed.event_time is not None else record_time,
-            label=parsed.label,
-            block_ids=block_ids(text),
-        )
+        return self._line(text, topic, partition, offset, record_time)
+
+    def _line(self, text: str, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
+        content, event_time, label = self._fields(text)
+        template = self._templates.get(content)
+        if template is None:
+            template = mask(content)
+            if len(content) <= TEMPLATE_CACHE_MAX_CHARS:
+                if len(self._templates) >= TEMPLATE_CACHE_ENTRIES:
+                    self._templates.clear()
+                self._templates[content] = template
+        return _new_line(topic, partition, offset, text, template,
+                         record_time if event_time is None else event_time, label, block_ids(text))
