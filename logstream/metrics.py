@@ -12,13 +12,53 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+
+class _LabelCache:
+    """`labels()` served from a plain dict once a child exists.
+
+    The poll loop asks for a labelled child per window (closed, published, opened); the library's
+    `labels()` validates and takes a lock every time. Children are only ever added, except through
+    `remove`/`clear`, which empty this cache too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children: dict[tuple[object, ...], Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Any:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
+        child = self._children.get(labelvalues)
+        if child is None:
+            child = self._children[labelvalues] = super().labels(*labelvalues)  # type: ignore[misc]
+        return child
+
+    def remove(self, *labelvalues: Any) -> None:
+        self._children.clear()
+        super().remove(*labelvalues)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._children.clear()
+        super().clear()  # type: ignore[misc]
+
+
+class _Counter(_LabelCache, Counter):
+    pass
+
+
+class _Gauge(_LabelCache, Gauge):
+    pass
+
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TEXT = "text/plain; charset=utf-8"
 
 
 class Metrics:
@@ -26,45 +66,53 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.lines_consumed = Counter(
-            "logstream_lines_consumed", "Records consumed from input topics", ["topic", "partition"], registry=r
-        )
-        self.lines_replayed = Counter(
-            "logstream_lines_replayed", "Records re-read below a replay fence after a restart or rebalance",
-            ["topic", "partition"], registry=r,
-        )
-        self.parse_errors = Counter("logstream_parse_errors", "Records that could not be parsed", ["reason"], registry=r)
-        self.dlq_records = Counter("logstream_dlq_records", "Records sent to the dead-letter topic", ["reason"],
-                                   registry=r)
-        self.windows_opened = Counter("logstream_windows_opened", "Windows opened", ["kind"], registry=r)
-        self.windows_closed = Counter("logstream_windows_closed", "Windows closed", ["kind", "reason"], registry=r)
-        self.late_lines = Counter("logstream_late_lines", "Line/window pairs that arrived after the window closed",
-                                  registry=r)
-        self.open_windows = Gauge("logstream_open_windows", "Open windows", ["topic", "partition"], registry=r)
-        self.queue_depth = Gauge("logstream_queue_depth", "Windows waiting for or in scoring", registry=r)
-        self.paused_partitions = Gauge("logstream_paused_partitions", "Partitions paused by backpressure",
+        tp = ["topic", "partition"]
+        # input
+        self.lines_consumed = _Counter("logstream_lines_consumed", "Records consumed from input topics", tp,
                                        registry=r)
-        self.batch_size = Histogram("logstream_batch_size", "Windows per scoring batch", buckets=_BATCH_BUCKETS,
-                                    registry=r)
+        self.lines_replayed = _Counter("logstream_lines_replayed",
+                                       "Records re-read below a replay fence after a restart or rebalance",
+                                       tp, registry=r)
+        self.parse_errors = _Counter("logstream_parse_errors", "Records that could not be parsed",
+                                     ["reason"], registry=r)
+        self.dlq_records = _Counter("logstream_dlq_records", "Records sent to the dead-letter topic",
+                                    ["reason"], registry=r)
+        # windows
+        self.windows_opened = _Counter("logstream_windows_opened", "Windows opened", ["kind"], registry=r)
+        self.windows_closed = _Counter("logstream_windows_closed", "Windows closed", ["kind", "reason"],
+                                       registry=r)
+        self.late_lines = _Counter("logstream_late_lines",
+                                   "Line/window pairs that arrived after the window closed", registry=r)
+        self.open_windows = _Gauge("logstream_open_windows", "Open windows", tp, registry=r)
+        # scoring and flow control
+        self.queue_depth = _Gauge("logstream_queue_depth", "Windows waiting for or in scoring", registry=r)
+        self.paused_partitions = _Gauge("logstream_paused_partitions", "Partitions paused by backpressure",
+                                        registry=r)
+        self.batch_size = Histogram("logstream_batch_size", "Windows per scoring batch",
+                                    buckets=_BATCH_BUCKETS, registry=r)
         self.scoring_seconds = Histogram("logstream_scoring_seconds", "Detector time per batch",
                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.cache_hits = Counter("logstream_cache_hits", "Detector cache hits", ["cache"], registry=r)
-        self.cache_misses = Counter("logstream_cache_misses", "Detector cache misses", ["cache"], registry=r)
-        self.cache_hit_ratio = Gauge("logstream_cache_hit_ratio", "Detector cache hit ratio since start", ["cache"],
+        self.scoring_errors = _Counter("logstream_scoring_errors", "Windows the detector failed on",
+                                       registry=r)
+        self.cache_hits = _Counter("logstream_cache_hits", "Detector cache hits", ["cache"], registry=r)
+        self.cache_misses = _Counter("logstream_cache_misses", "Detector cache misses", ["cache"],
                                      registry=r)
-        self.alerts_published = Counter("logstream_alerts_published", "Verdicts published", ["severity"], registry=r)
-        self.scoring_errors = Counter("logstream_scoring_errors", "Windows the detector failed on", registry=r)
-        self.consumer_lag = Gauge("logstream_consumer_lag", "High watermark minus position", ["topic", "partition"],
-                                  registry=r)
-        self.commits = Counter("logstream_commits", "Offset commits (or committed transactions)", registry=r)
-        self.last_commit_timestamp = Gauge("logstream_last_commit_timestamp_seconds",
-                                           "Unix time of the last successful commit", registry=r)
-        self.last_commit_age = Gauge("logstream_last_commit_age_seconds",
-                                     "Seconds since the last successful commit (since start before the first one)",
-                                     registry=r)
+        self.cache_hit_ratio = _Gauge("logstream_cache_hit_ratio", "Detector cache hit ratio since start",
+                                      ["cache"], registry=r)
+        # output, offsets, group
+        self.alerts_published = _Counter("logstream_alerts_published", "Verdicts published", ["severity"],
+                                         registry=r)
+        self.consumer_lag = _Gauge("logstream_consumer_lag", "High watermark minus position", tp, registry=r)
+        self.commits = _Counter("logstream_commits", "Offset commits (or committed transactions)", registry=r)
+        self.last_commit_timestamp = _Gauge("logstream_last_commit_timestamp_seconds",
+                                            "Unix time of the last successful commit", registry=r)
+        self.last_commit_age = _Gauge("logstream_last_commit_age_seconds",
+                                      "Seconds since the last successful commit (or since start)",
+                                      registry=r)
         self.last_commit_age.set_function(self._commit_age)
-        self.assigned_partitions = Gauge("logstream_assigned_partitions", "Partitions assigned", registry=r)
-        self.rebalances = Counter("logstream_rebalances", "Partition assignment changes", ["kind"], registry=r)
+        self.assigned_partitions = _Gauge("logstream_assigned_partitions", "Partitions assigned", registry=r)
+        self.rebalances = _Counter("logstream_rebalances", "Partition assignment changes", ["kind"],
+                                   registry=r)
         self._started = time.time()
         self._cache_seen: dict[str, tuple[int, int]] = {}
         self._cache_lock = threading.Lock()
@@ -145,7 +193,8 @@ class MetricsServer:
         except OSError as exc:
             raise MetricsServerError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="logstream-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="logstream-metrics",
+                                        daemon=True)
 
     @property
     def port(self) -> int:
@@ -175,7 +224,7 @@ class MetricsServer:
                 else:
                     self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
 
-            def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            def _send(self, status: int, body: bytes, content_type: str = _TEXT) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
