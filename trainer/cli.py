@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 COMMANDS: dict[str, str] = {
     "evaluate": "trainer.evaluate",
+    "fit-logllama": "trainer.fit_logllama",
 }
 
 

@@ -21,6 +21,10 @@ seeded, stratified sample that keeps the split's share of anomalous windows (at 
 and one normal window when the split has them), returned in stream order. For HDFS the blocks are
 chosen before the second pass, so unchosen blocks are never held in memory.
 
+`assume_normal` is for unsupervised training on dumps without ground truth (LogLLaMA
+`--assume-normal`): every window is labelled normal, HDFS needs no label file, and line labels of
+the other formats are ignored.
+
 Liberty is also accepted in the LogLLM preprocessed CSV layout (`line_no,window,label,content`,
 recognised by its header): content-only rows, labelled per line, in stream order.
 """
@@ -101,6 +105,7 @@ def load_split(
     window_size: int = 100,
     window_stride: int | None = None,
     max_windows: int | None = None,
+    assume_normal: bool = False,
     **session_options: Any,
 ) -> Split:
     """Windows of a dump split as in the paper (see the module docstring).
@@ -108,6 +113,7 @@ def load_split(
     `window_size` / `window_stride` shape the count windows of BGL, Thunderbird and Liberty.
     `session_options` (HDFS only) are the session windower's `gap`, `grace`, `max_lines` and
     `max_open`; unset ones take the consumer's defaults, except `gap` and `max_open` (HDFS values).
+    `assume_normal` labels every window normal (no label file for HDFS; line labels ignored).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -124,20 +130,25 @@ def load_split(
     started = time.perf_counter()
     rng = random.Random(seed)
     if dataset == "hdfs":
-        if labels is None:
-            raise ValueError("HDFS labels are per block: pass the block label file (anomaly_label.csv)")
+        if labels is None and not assume_normal:
+            raise ValueError("HDFS labels are per block: pass the block label file (anomaly_label.csv), or assume "
+                             "every block is normal (unsupervised training)")
+        if labels is not None and assume_normal:
+            raise ValueError("a label file and assume_normal contradict each other: pass one of them")
         if session_options.get("gap") is not None and session_options["gap"] <= 0:
             raise ValueError("session gap must be positive")
-        split = _hdfs_split(logs, Path(labels), rng, train_fraction, max_windows, session_options)
+        split = _hdfs_split(logs, Path(labels) if labels is not None else None, rng, train_fraction, max_windows,
+                            session_options)
     else:
         if labels is not None:
             raise ValueError(f"{dataset} lines carry their own labels (first field '-' = normal); drop the "
                              "label file")
         if session_options:
             raise ValueError(f"{dataset} uses count windows; session options {sorted(session_options)} do not apply")
-        split = _chronological_split(dataset, logs, rng, train_fraction, window_size, window_stride, max_windows)
+        split = _chronological_split(dataset, logs, rng, train_fraction, window_size, window_stride, max_windows,
+                                     assume_normal)
     split.stats.update(dataset=dataset, logs=str(logs), labels=str(labels) if labels else None, seed=seed,
-                       train_fraction=train_fraction, max_windows=max_windows)
+                       train_fraction=train_fraction, max_windows=max_windows, assume_normal=assume_normal)
     split.stats["overlap"] = verbatim_overlap(split.train, split.test)
     split.stats["seconds"] = round(time.perf_counter() - started, 3)
     log.info("split_loaded", dataset=dataset, logs=str(logs), train=split.stats["train"], test=split.stats["test"],
@@ -326,6 +337,7 @@ def _chronological_split(
     window_size: int,
     window_stride: int | None,
     max_windows: int | None,
+    assume_normal: bool = False,
 ) -> Split:
     bad: Counter[str] = Counter()
     lines: Iterator[LogLine]  # generators: nothing is read until the loop below
@@ -347,7 +359,7 @@ def _chronological_split(
     def accept(name: str, windows: list[Window]) -> None:
         nonlocal unlabeled
         for window in windows:
-            label = window.label
+            label = False if assume_normal else window.label
             if label is None:
                 unlabeled += 1
                 continue
@@ -425,18 +437,19 @@ def _blocks_in_order(logs: Path) -> tuple[dict[str, None], int]:
 
 def _hdfs_split(
     logs: Path,
-    labels_path: Path,
+    labels_path: Path | None,
     rng: random.Random,
     train_fraction: float,
     max_windows: int | None,
     session_options: dict[str, Any],
 ) -> Split:
-    labels = read_block_labels(labels_path)
+    given = read_block_labels(labels_path) if labels_path is not None else None  # a bad file fails before the scan
     named, records = _blocks_in_order(logs)
+    labels = given if given is not None else dict.fromkeys(named, False)  # no label file: all normal
     blocks = sorted(block for block in named if block in labels)
     unlabeled_blocks = len(named) - len(blocks)
     if not blocks:
-        raise ValueError(f"none of the {len(named)} block ids in {logs} is in {labels_path}")
+        raise ValueError(f"none of the {len(named)} block ids in {logs} is in {labels_path or 'the log'}")
     rng.shuffle(blocks)  # sorted first: the assignment depends on the seed and the block set, not file order
     cut = round(len(blocks) * train_fraction)
     train_blocks, test_blocks = set(blocks[:cut]), set(blocks[cut:])

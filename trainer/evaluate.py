@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,22 +122,30 @@ def evaluate(
     seed: int = 42,
     progress: bool = True,
     context: dict[str, Any] | None = None,
+    compare: Mapping[str, Detector] | None = None,
 ) -> dict[str, Any]:
     """Score `split.part(part)` with `detector` and the baselines, write the report, return the summary.
 
     With `detector=None` the unseen-template baseline is the primary detector (`--model novelty`).
     The summary is what the command prints as its last line: the primary detector's precision,
     recall, f1, tp, fp, fn, tn, windows, anomalous_windows and seconds (its scoring time), plus
-    the baselines' P/R/F1 and the verbatim train/test overlap.
+    the baselines' P/R/F1 and the verbatim train/test overlap. `compare` scores more detectors on the
+    same windows, by display name (e.g. a model before its last training stage); their P/R/F1 go
+    into the summary's `compared` and beside the primary in the report.
     """
     windows = split.part(part)
     if not windows:
         raise ValueError(f"the {part} split has no windows to evaluate")
+    if compare and detector is None:
+        raise ValueError("detectors to compare need a primary detector to compare with")
     runs: list[DetectorRun] = []
     if detector is not None:
         name = detector.name if detector.name not in ("novelty", "count_vector") else f"{detector.name} (model)"
         log.info("scoring", detector=name, windows=len(windows), batch_size=batch_size)
         runs.append(score_windows(detector, windows, batch_size=batch_size, name=name, progress=progress))
+    for label, other in (compare or {}).items():
+        runs.append(score_windows(other, windows, batch_size=batch_size, name=label, role="compared",
+                                  progress=progress))
     runs.extend(run_baselines(split.train, windows, seed=seed))
     primary = next((run for run in runs if run.skipped is None), None)
     if primary is None:
@@ -161,6 +169,9 @@ def evaluate(
         },
         "report": str(outdir / "report.md"),
     }
+    if compare:
+        summary["compared"] = {run.name: {key: run.as_dict()[key] for key in ("precision", "recall", "f1")}
+                               for run in runs if run.role == "compared"}
     note = None
     if part == "all":
         note = ("Evaluated on train and test windows together: the baselines were fitted on the train part, so "
@@ -238,6 +249,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
     parser.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
+                        help="another artifact scored on the same windows (repeatable), e.g. DIR/stage1 of a "
+                             "LogLLaMA run to see what the reinforcement stage changed")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="windows to evaluate: the test split, or train and test together")
     parser.add_argument("--report", type=Path, required=True, help="directory for report.json, report.md, plots")
@@ -259,10 +273,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     detector: Detector | None = None
+    compared: dict[str, Detector] = {}
     try:
         try:
+            if args.compare and args.model == BASELINES_ONLY:
+                raise ValueError(f"--compare needs a model to compare with, not --model {BASELINES_ONLY}")
             if args.model != BASELINES_ONLY:
                 detector = load_model(Path(args.model), settings, args.dataset)
+            for path in args.compare:
+                other = load_model(path, settings, args.dataset)
+                label = f"{other.name} ({path.name})"
+                compared[label if label not in compared else f"{other.name} ({path})"] = other
             split = load_split(
                 args.dataset, args.logs, args.labels, seed=args.seed, train_fraction=args.train_fraction,
                 window_size=settings.window_size, window_stride=settings.window_stride, max_windows=args.max_windows,
@@ -272,10 +293,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"logstream-train evaluate: {exc}", file=sys.stderr)
             return 2
         summary = evaluate(split, args.report, detector=detector, model=args.model, part=args.split,
-                           batch_size=settings.batch_size, seed=args.seed, context={"argv": sys.argv[1:]})
+                           batch_size=settings.batch_size, seed=args.seed, context={"argv": sys.argv[1:]},
+                           compare=compared)
     finally:
-        if detector is not None:
-            detector.close()
+        for loaded in ([detector] if detector is not None else []) + list(compared.values()):
+            loaded.close()
     summary["total_seconds"] = round(time.perf_counter() - started, 3)
     print(orjson.dumps(summary).decode(), flush=True)
     return 0

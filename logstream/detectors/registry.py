@@ -11,6 +11,7 @@ DETECTORS: dict[str, str] = {
     "null": "logstream.detectors.null:NullDetector",
     "novelty": "logstream.detectors.novelty:NoveltyDetector",
     "logllm": "logstream.detectors.logllm:LogLLMDetector",
+    "logllama": "logstream.detectors.logllama:LogLLaMADetector",
 }
 
 
