@@ -112,3 +112,19 @@ def test_session_windows_report_each_opening() -> None:
     assert windower.add(line(2, 30.0, ("blk_1",))).opened == 1  # the gap closed blk_1: a new session
     assert windower.add(line(3, 0.0, ("blk_3",))).opened == 0  # late: joins nothing, opens nothing
     assert windower.add(line(4, 31.0)).opened == 0  # unkeyed
+
+
+def test_cached_label_children_follow_remove_and_clear() -> None:
+    metrics = Metrics()
+    child = metrics.consumer_lag.labels("raw", "0")
+    assert metrics.consumer_lag.labels("raw", "0") is child
+    assert metrics.consumer_lag.labels(topic="raw", partition="0") is child
+    child.set(5)
+    metrics.forget_partition("raw", 0)
+    fresh = metrics.consumer_lag.labels("raw", "0")
+    assert fresh is not child and sample(metrics, "logstream_consumer_lag", topic="raw", partition="0") == 0
+    metrics.windows_closed.labels("count", "size").inc()
+    metrics.windows_closed.clear()
+    assert sample(metrics, "logstream_windows_closed_total", kind="count", reason="size") is None
+    metrics.windows_closed.labels("count", "size").inc()
+    assert sample(metrics, "logstream_windows_closed_total", kind="count", reason="size") == 1
