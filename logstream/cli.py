@@ -85,11 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not settings.input_topic:
         print("logstream run: at least one --input-topic is required", file=sys.stderr)
         return 2
-    try:
-        detector = load_detector(settings)
-    except DetectorNotReady as exc:
-        print(f"logstream run: {exc}", file=sys.stderr)
-        return 2
+    # The endpoint comes up before the detector loads (minutes for a large model on CPU): /healthz
+    # answers meanwhile, so a liveness probe does not kill a loading process; /readyz says 503.
     metrics, health = Metrics(), Health()
     server = None
     if settings.metrics_port is not None:
@@ -98,9 +95,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         except MetricsServerError as exc:  # a port clash is a configuration error, not a crash
             print(f"logstream run: {exc}", file=sys.stderr)
             return 2
-    stop = threading.Event()
-    _stop_on_signals(stop)
     try:
+        try:
+            detector = load_detector(settings)
+        except DetectorNotReady as exc:
+            print(f"logstream run: {exc}", file=sys.stderr)
+            return 2
+        stop = threading.Event()
+        _stop_on_signals(stop)
         return Pipeline(settings, detector, metrics=metrics, health=health, stop_event=stop).run()
     finally:
         if server is not None:
