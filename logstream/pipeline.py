@@ -271,12 +271,7 @@ class Pipeline:
         state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
         snapshot = committed.snapshot
         if committed.state_ref is not None:
-            raw = read_record(s, s.resolved_state_topic, committed.state_ref[0], committed.state_ref[1])
-            if raw is None:
-                log.error("state_snapshot_missing", partition=f"{tp[0]}/{tp[1]}", ref=committed.state_ref,
-                          consequence="open sessions replay as new windows")
-            else:
-                snapshot = orjson.loads(raw)["snapshot"]
+            snapshot = self._read_snapshot(tp, committed)
         if isinstance(windower, SessionWindower) and snapshot is not None and committed.offset is not None:
             windower.restore(snapshot, committed.fence)
         if s.once:
@@ -286,6 +281,20 @@ class Pipeline:
                 state.eof = True
         self.parts[tp] = state
         return state
+
+    def _read_snapshot(self, tp: TP, committed: CommittedPosition) -> dict[str, Any] | None:
+        """The open-session snapshot a commit points at, checked against that commit."""
+        assert committed.state_ref is not None
+        s = self.settings
+        raw = read_record(s, s.resolved_state_topic, *committed.state_ref)
+        body = orjson.loads(raw) if raw is not None else None
+        expected = {"topic": tp[0], "partition": tp[1], "commit_offset": committed.offset, "fence": committed.fence}
+        if body is None or any(body.get(key) != value for key, value in expected.items()):
+            log.error("state_snapshot_missing", partition=f"{tp[0]}/{tp[1]}", ref=committed.state_ref,
+                      found=None if body is None else {key: body.get(key) for key in expected},
+                      consequence="open sessions replay as new windows")
+            return None
+        return body["snapshot"]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.parts)
@@ -347,6 +356,9 @@ class Pipeline:
             state = self.parts.get((message.topic(), message.partition()))
             if state is not None:
                 state.eof = True
+            return
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            self._fatal = f"consumer fenced or broken: {error}"  # e.g. a newer instance took our static id
             return
         log.warning("consume_error", error=str(error))
 
@@ -728,6 +740,6 @@ class Pipeline:
     def _on_kafka_error(self, error: KafkaError) -> None:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self.health.broker_ok = False
-        if error.fatal():
+        if error.fatal() or error.code() == KafkaError._FATAL:
             self._fatal = f"kafka client fatal error: {error}"
         log.warning("kafka_error", error=str(error), code=error.name())

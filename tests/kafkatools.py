@@ -13,6 +13,7 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from logstream.detectors.base import Detector
 from logstream.detectors.registry import load_detector
 from logstream.metrics import Metrics
 from logstream.pipeline import Pipeline
@@ -131,10 +132,11 @@ def run_once(settings: Settings, metrics: Metrics | None = None) -> int:
 class BackgroundPipeline:
     """A pipeline running in a thread until `stop()` (SIGTERM-equivalent)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, detector: Detector | None = None) -> None:
         self.stop_event = threading.Event()
         self.metrics = metrics or Metrics()
-        self.pipeline = Pipeline(settings, load_detector(settings), metrics=self.metrics, stop_event=self.stop_event)
+        self.pipeline = Pipeline(settings, detector or load_detector(settings), metrics=self.metrics,
+                                 stop_event=self.stop_event)
         self.exit_code: int | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -144,6 +146,14 @@ class BackgroundPipeline:
     def start(self) -> BackgroundPipeline:
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> int | None:
+        self._thread.join(timeout)
+        return self.exit_code
 
     def stop(self, timeout: float = 60.0) -> int | None:
         self.stop_event.set()
