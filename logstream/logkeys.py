@@ -11,8 +11,10 @@ that is mostly variables still matches its own template (Drain does not count it
 wildcards as similar tokens when mining, so raw `<*>`-heavy messages would each open a new
 cluster). Templates are shown with `<*>` again.
 
-Ids: 0 padding, 1 window start, 2 unknown template; mined templates from 3 on, in the order Drain
-created them (deterministic for the same input order).
+Ids: 0 padding, 1 window start, 2 unknown template, 3 end of session (a predictable "the session
+ends here", so a session that stops early is a miss too); mined templates from 4 on, in the order
+Drain created them (deterministic for the same input order). *Candidates* are the ids a model may
+predict: END and the templates.
 
 Mining (`LogKeyMiner.add`) happens only in training. `LogKeys` is frozen: it maps a masked message
 with Drain's `match`, which never creates or changes a cluster, so serving is deterministic and a
@@ -32,9 +34,9 @@ from drain3.drain import Drain, LogCluster, Node
 
 from logstream.parsing import MASK
 
-PAD, START, UNKNOWN = 0, 1, 2
-FIRST_TEMPLATE = 3
-RESERVED_NAMES = ("<pad>", "<start>", "<unknown>")
+PAD, START, UNKNOWN, END = 0, 1, 2, 3
+FIRST_TEMPLATE = 4
+RESERVED_NAMES = ("<pad>", "<start>", "<unknown>", "<end of session>")
 KEYS_FORMAT = 1
 _MATCH_CACHE_MAX = 100_000  # distinct masked messages remembered; cleared whole when full
 _VAR = "<var>"
@@ -119,6 +121,11 @@ class LogKeys:
     @property
     def templates(self) -> int:
         return len(self.cluster_ids)
+
+    @property
+    def candidates(self) -> int:
+        """Ids a model ranks as next key: END and every template (K is at most this)."""
+        return self.size - END
 
     def key(self, message: str) -> int:
         """The key of a masked message; UNKNOWN when no template learned in training matches it."""

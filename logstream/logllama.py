@@ -3,17 +3,22 @@
 One module for the consumer's detector and the trainer (the same chunking, ranking and artifact).
 
 A window's lines become keys (`logstream.logkeys`), the model reads `[START] + keys` and predicts
-each next key from the ones before it. Ranking: at every position the template keys are ordered by
-the model's logits; the true next key's rank is 1 + the number of template keys scored strictly
-higher. A key never seen in training (`UNKNOWN`) gets rank `templates + 1`, worse than any template,
-so "rank > K" is the only rule: a line is a *miss* when its key is outside the top K, and a window
-is anomalous when it has at least one miss.
+each next key from the ones before it; a session window that ended naturally (inactivity gap, or
+the end of the input) has one more target, `END`, so a session that stops where the model expected
+more lines is a miss on its last line (HDFS blocks that fail early are short). Count windows end
+at a line count, so they get no `END`.
+
+Ranking: at every position the *candidates* (END and the templates) are ordered by the model's
+logits; the true next key's rank is 1 + the number of candidates scored strictly higher. A key
+never seen in training (`UNKNOWN`) gets rank `candidates + 1`, worse than any candidate, so
+"rank > K" is the only rule: a line is a *miss* when its key is outside the top K, and a window is
+anomalous when it has at least one miss.
 
 Windows longer than the model's context are read in chunks: the first chunk starts at `START`,
 each later one re-reads `context // 2` keys of history before the keys it scores, so every key is
 ranked exactly once and never with less than half a context of history (or the whole window so far).
 
-Score 0-100 from the worst rank r (K = top_k, T = templates, m = misses):
+Score 0-100 from the worst rank r (K = top_k, T = candidates, m = misses):
   no miss:  50 * ln(r) / ln(K + 1)                            in [0, 50)
   misses:   50 + 45 * ln(r / K) / ln((T + 1) / K) + 5 * (1 - 1/m)  in (50, 100]
 so score >= 50 exactly when the verdict is anomalous (the alert's severity bands stay meaningful),
@@ -35,8 +40,9 @@ import orjson
 import torch
 from torch import Tensor, nn
 
-from logstream.logkeys import FIRST_TEMPLATE, PAD, START, UNKNOWN, KeysError, LogKeys
+from logstream.logkeys import END, FIRST_TEMPLATE, PAD, START, UNKNOWN, KeysError, LogKeys
 from logstream.logs import get_logger
+from logstream.records import Window
 
 log = get_logger(__name__)
 
@@ -98,8 +104,8 @@ def init_from_pretrained(load_dir: Path, keys: LogKeys, *, layers: int | None, c
     """A pretrained Llama-architecture LM re-purposed for keys: embeddings resized to the key vocabulary.
 
     The pretrained token embeddings mean nothing for template ids, so each key's row starts as the
-    mean embedding of its template text's tokens (similar templates start close); `START` takes
-    the BOS embedding, `UNKNOWN` the mean of all rows, `PAD` zeros. `layers` keeps only the first
+    mean embedding of its template text's tokens (similar templates start close); `START` and
+    `END` take the BOS and EOS embeddings, `UNKNOWN` the mean of all rows, `PAD` zeros. `layers` keeps only the first
     decoder layers (a 30-layer model is too slow to train on CPU).
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -122,7 +128,9 @@ def init_from_pretrained(load_dir: Path, keys: LogKeys, *, layers: int | None, c
         ids = tokenizer(keys.describe(key), add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id or 0]
         rows[key] = table[ids].mean(0)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     rows[START] = table[bos]
+    rows[END] = table[eos]
     rows[UNKNOWN] = table.mean(0)
     model.resize_token_embeddings(keys.size, mean_resizing=False)
     with torch.no_grad():
@@ -157,6 +165,32 @@ def plan_chunks(n: int, context: int) -> list[tuple[int, int, int]]:
     return chunks
 
 
+def ends_naturally(window: Window) -> bool:
+    """A session closed by inactivity or the end of the input: where it stops is part of its sequence."""
+    return window.kind == "session" and window.close_reason in ("gap", "end_of_input")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyWindow:
+    """A window as the model sees it: its lines' keys, and whether END is a target after the last one."""
+
+    keys: tuple[int, ...]
+    ends: bool = False
+
+    @classmethod
+    def of(cls, window: Window, keys: LogKeys) -> KeyWindow:
+        return cls(tuple(keys.keys(window.templates)), ends_naturally(window))
+
+    @property
+    def targets(self) -> list[int]:
+        """What is ranked: every line's key, then END where the window ended naturally."""
+        return [*self.keys, END] if self.ends else list(self.keys)
+
+    def digest(self) -> bytes:
+        payload = b"".join(k.to_bytes(4, "little") for k in self.keys) + (b"E" if self.ends else b".")
+        return hashlib.blake2b(payload, digest_size=16).digest()
+
+
 @dataclass(slots=True)
 class Chunk:
     """One model row: the keys read, the target per position (IGNORE if not scored), the line it ranks."""
@@ -164,14 +198,14 @@ class Chunk:
     window: int
     inputs: list[int]
     targets: list[int]
-    lines: list[int]  # index into the window's lines of each position's target; -1 where IGNORE
+    lines: list[int]  # index of each position's target in the window's targets; -1 where IGNORE
 
 
-def window_chunks(window: int, keys: Sequence[int], context: int) -> list[Chunk]:
-    """The rows that rank every line of one window (see `plan_chunks`)."""
-    x = [START, *keys]
+def window_chunks(window: int, keyed: KeyWindow, context: int) -> list[Chunk]:
+    """The rows that rank every target of one window (see `plan_chunks`)."""
+    x = [START, *keyed.targets]
     result = []
-    for start, stop, first in plan_chunks(len(keys), context):
+    for start, stop, first in plan_chunks(len(x) - 1, context):
         targets = [x[t] if t >= first else IGNORE for t in range(start + 1, stop + 1)]
         lines = [t - 1 if t >= first else -1 for t in range(start + 1, stop + 1)]
         result.append(Chunk(window, x[start:stop], targets, lines))
@@ -204,19 +238,19 @@ def collate(chunks: Sequence[Chunk]) -> Batch:
 
 
 def key_logits(model: nn.Module, batch: Batch) -> Tensor:
-    """[B, L, V] logits with the reserved ids masked out: only templates are ever predicted."""
+    """[B, L, V] logits with PAD, START and UNKNOWN masked out: only candidates are ever predicted."""
     logits = model(input_ids=batch.inputs, attention_mask=batch.mask).logits.float()
     return logits.masked_fill(_reserved(logits), float("-inf"))
 
 
 def _reserved(logits: Tensor) -> Tensor:
     reserved = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    reserved[:FIRST_TEMPLATE] = True
+    reserved[:END] = True
     return reserved
 
 
 def ranks_of_targets(logits: Tensor, targets: Tensor) -> Tensor:
-    """Rank (1 = top) of each target among the template keys; UNKNOWN -> templates + 1; IGNORE -> 0."""
+    """Rank (1 = top) of each target among the candidates; UNKNOWN -> candidates + 1; IGNORE -> 0."""
     valid = targets != IGNORE
     true = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1))  # UNKNOWN's logit is -inf
     ranks = 1 + (logits > true).sum(-1)
@@ -226,13 +260,13 @@ def ranks_of_targets(logits: Tensor, targets: Tensor) -> Tensor:
 # --- the decision rule ----------------------------------------------------------------------------
 
 
-def window_score(worst_rank: int, misses: int, top_k: int, templates: int) -> float:
+def window_score(worst_rank: int, misses: int, top_k: int, candidates: int) -> float:
     """0-100 from the worst rank and the number of misses (formula in the module docstring)."""
-    if top_k < 1 or templates < 1:
-        raise ValueError("top_k and templates must be positive")
+    if top_k < 1 or candidates < 1:
+        raise ValueError("top_k and candidates must be positive")
     if misses == 0:
         return round(50.0 * math.log(max(worst_rank, 1)) / math.log(top_k + 1), 3)
-    span = math.log((templates + 1) / top_k)
+    span = math.log((candidates + 1) / top_k)
     fraction = min(1.0, math.log(worst_rank / top_k) / span) if span > 0 else 1.0
     return round(min(100.0, 50.0 + 45.0 * fraction + 5.0 * (1.0 - 1.0 / misses)), 3)
 
@@ -243,24 +277,24 @@ class Judgement:
 
     anomalous: bool
     score: float
-    misses: tuple[int, ...]  # line indices whose key was outside the top K (worst first, then by line)
+    misses: tuple[int, ...]  # target indices ranked outside the top K (worst first, then in order)
     worst_rank: int
 
 
-def judge(ranks: Sequence[int], top_k: int, templates: int) -> Judgement:
-    """Anomalous iff some line's key ranks outside the top K (an unseen template always does)."""
+def judge(ranks: Sequence[int], top_k: int, candidates: int) -> Judgement:
+    """Anomalous iff some target ranks outside the top K (an unseen template always does)."""
     if not ranks:
         raise ValueError("no ranks to judge")
     misses = sorted((i for i, r in enumerate(ranks) if r > top_k), key=lambda i: (-ranks[i], i))
     worst = max(ranks)
-    return Judgement(bool(misses), window_score(worst, len(misses), top_k, templates), tuple(misses), worst)
+    return Judgement(bool(misses), window_score(worst, len(misses), top_k, candidates), tuple(misses), worst)
 
 
 @dataclass(slots=True)
 class RankedWindow:
-    """Per line of a window: its key, the rank of that key, and the model's top predictions there."""
+    """Per target of a window (its lines, then END where it ended naturally): rank and top predictions."""
 
-    keys: list[int]
+    keyed: KeyWindow
     ranks: list[int]
     expected: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -281,9 +315,9 @@ class KeyScorer:
         self.max_tokens = max_tokens
 
     @torch.inference_mode()
-    def rank(self, sequences: Sequence[Sequence[int]]) -> list[RankedWindow]:
-        results = [RankedWindow(list(keys), [0] * len(keys), [()] * len(keys)) for keys in sequences]
-        chunks = [c for i, keys in enumerate(sequences) for c in window_chunks(i, keys, self.context)]
+    def rank(self, windows: Sequence[KeyWindow]) -> list[RankedWindow]:
+        results = [RankedWindow(w, [0] * len(w.targets), [()] * len(w.targets)) for w in windows]
+        chunks = [c for i, w in enumerate(windows) for c in window_chunks(i, w, self.context)]
         chunks.sort(key=lambda c: len(c.inputs))  # similar lengths together: little padding
         was_training = self.model.training
         self.model.eval()
@@ -292,7 +326,7 @@ class KeyScorer:
                 batch = collate(group).to(self.device)
                 logits = key_logits(self.model, batch)
                 ranks = ranks_of_targets(logits, batch.targets).tolist()
-                top = logits.topk(min(EXPECTED_SHOWN, logits.shape[-1] - FIRST_TEMPLATE), dim=-1).indices.tolist()
+                top = logits.topk(min(EXPECTED_SHOWN, logits.shape[-1] - END), dim=-1).indices.tolist()
                 for row, chunk in enumerate(group):
                     result = results[chunk.window]
                     for position, line in enumerate(chunk.lines):
@@ -340,8 +374,8 @@ def save_artifact(directory: Path, model: nn.Module, keys: LogKeys, *, top_k: in
 
     `info` adds the stage, decision details, window and training provenance to the config.
     """
-    if not 1 <= top_k <= keys.templates:
-        raise ValueError(f"top_k {top_k} outside 1..{keys.templates} (the number of templates)")
+    if not 1 <= top_k <= keys.candidates:
+        raise ValueError(f"top_k {top_k} outside 1..{keys.candidates} (the number of candidate keys)")
     _quiet_transformers()
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / ARTIFACT_CONFIG
@@ -382,7 +416,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("kind") != ARTIFACT_KIND:
-        raise ArtifactError(f"{directory} is not a LogLLaMA artifact (kind {body.get('kind') if isinstance(body, dict) else None!r})")
+        kind = body.get("kind") if isinstance(body, dict) else None
+        raise ArtifactError(f"{directory} is not a LogLLaMA artifact (kind {kind!r})")
     if body.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{directory} has artifact format {body.get('format')!r}; this version reads "
                             f"format {ARTIFACT_FORMAT} (retrain it)")
@@ -406,8 +441,8 @@ def load_artifact(directory: Path, device: torch.device) -> Artifact:
         raise ArtifactError(f"{directory}: the model predicts {model.config.vocab_size} keys but keys.json has "
                             f"{keys.size}")
     top_k = int(config.get("decision", {}).get("top_k", 0))
-    if not 1 <= top_k <= keys.templates:
-        raise ArtifactError(f"{directory}: decision.top_k {top_k} outside 1..{keys.templates}")
+    if not 1 <= top_k <= keys.candidates:
+        raise ArtifactError(f"{directory}: decision.top_k {top_k} outside 1..{keys.candidates}")
     model.config._attn_implementation = "eager"
     model.to(device).eval()
     return Artifact(model, keys, config)

@@ -37,12 +37,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from logstream.logkeys import UNKNOWN, DrainOptions, KeysError, LogKeys
+from logstream.logkeys import FIRST_TEMPLATE, UNKNOWN, DrainOptions, KeysError, LogKeys
 from logstream.logllama import (
     IGNORE,
     ArtifactError,
     Chunk,
     KeyScorer,
+    KeyWindow,
     ModelShape,
     build_model,
     collate,
@@ -55,7 +56,7 @@ from logstream.logllama import (
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
 from trainer import rl
-from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split
+from trainer.data import DATASETS, HDFS_SESSION_GAP_S, Split, load_split
 from trainer.logllama_data import Carved, TopKChoice, carve_validation, mine_keys, tune_top_k
 
 log = get_logger(__name__)
@@ -211,7 +212,7 @@ def corrupt_inputs(batch_inputs: torch.Tensor, rate: float, generator: torch.Gen
     if rate <= 0:
         return batch_inputs
     hit = torch.rand(batch_inputs.shape, generator=generator) < rate
-    hit &= batch_inputs >= 3
+    hit &= batch_inputs >= FIRST_TEMPLATE
     return batch_inputs.masked_fill(hit, UNKNOWN)
 
 
@@ -233,7 +234,7 @@ class Prepared:
     carved: Carved
     keys: LogKeys
     chunks: list[Chunk]  # rows of the normal fit windows
-    validation_keys: list[list[int]]
+    validation_keys: list[KeyWindow]
     validation_labels: list[bool]
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -270,7 +271,7 @@ class Trainer:
         if keys_path.is_file():
             keys = LogKeys.load(keys_path)  # a resumed run keeps the vocabulary its weights were trained with
         else:
-            keys = mine_keys(learn, DrainOptions(**c.drain))
+            keys = mine_keys(carved.vocabulary_windows(), DrainOptions(**c.drain))
             keys.save(keys_path)
         self.store.write_data({
             "stage_windows": [item.window.window_id for item in learn],
@@ -278,19 +279,19 @@ class Trainer:
             "dropped_anomalous": sum(1 for item in carved.fit if item.label),
         })
         chunks = [chunk for i, item in enumerate(learn) for chunk in
-                  window_chunks(i, keys.keys(item.window.templates), c.context)]
+                  window_chunks(i, KeyWindow.of(item.window, keys), c.context)]
         stats = {
             "train_windows": len(split.train), "test_windows": len(split.test),
             "stage_windows": len(learn), "dropped_anomalous": sum(1 for item in carved.fit if item.label),
             "validation_windows": len(carved.validation),
             "validation_anomalous": sum(1 for item in carved.validation if item.label),
-            "templates": keys.templates, "rows": len(chunks),
+            "templates": keys.templates, "candidates": keys.candidates, "rows": len(chunks),
             "keys": sum(sum(1 for t in chunk.targets if t != IGNORE) for chunk in chunks),
         }
         log.info("logllama_data", **stats)
         self.summary["data"] = stats
         return Prepared(split, carved, keys, chunks,
-                        [keys.keys(item.window.templates) for item in carved.validation],
+                        [KeyWindow.of(item.window, keys) for item in carved.validation],
                         [item.label for item in carved.validation], stats)
 
     # --- stage 1 --------------------------------------------------------------------------------
@@ -377,8 +378,8 @@ class Trainer:
         reference = load_artifact(self.output / STAGE1_DIR, self.device).model
         reference.requires_grad_(False)
         k = c.rl_top_k or before.top_k
-        if not 1 <= k <= data.keys.templates:
-            raise FitError(f"--rl-top-k {k} outside 1..{data.keys.templates}")
+        if not 1 <= k <= data.keys.candidates:
+            raise FitError(f"--rl-top-k {k} outside 1..{data.keys.candidates}")
         optimizer = torch.optim.AdamW(policy.parameters(), lr=c.lr_stage2, weight_decay=0.0)
         per_epoch = math.ceil(len(data.chunks) / c.batch_size)
         total = per_epoch * c.epochs_stage2
@@ -475,7 +476,7 @@ class Trainer:
     def tune(self, model: nn.Module, data: Prepared) -> TopKChoice:
         """K from the validation windows' worst ranks (`tune_top_k`)."""
         ranked = KeyScorer(model, self.config.context, self.device).rank(data.validation_keys)
-        choice = tune_top_k([r.worst_rank for r in ranked], data.validation_labels, data.keys.templates,
+        choice = tune_top_k([r.worst_rank for r in ranked], data.validation_labels, data.keys.candidates,
                             max_alarm_rate=self.config.max_alarm_rate, fixed=self.config.top_k)
         log.info("top_k_tuned", top_k=choice.top_k, rule=choice.rule, **{f"validation_{k}": v for k, v in
                                                                            choice.at_k.items() if k != "k"})
@@ -707,14 +708,16 @@ def _fit(args: argparse.Namespace, settings: Settings, stages: list[str], config
     return trainer.summary
 
 
-def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer, data: Prepared) -> dict[str, Any] | None:
+def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
+                 data: Prepared) -> dict[str, Any] | None:
     """The test split scored by the final model, the stage-1 model (when stage 2 ran) and the baselines."""
     from logstream.detectors.logllama import LogLLaMADetector
     from trainer.evaluate import evaluate
 
     test = data.split.test
     if args.no_evaluate or trainer.config.assume_normal or not any(w.label for w in test):
-        log.info("evaluation_skipped", reason="--no-evaluate" if args.no_evaluate else "no ground truth in the test split")
+        log.info("evaluation_skipped",
+                 reason="--no-evaluate" if args.no_evaluate else "no ground truth in the test split")
         return None
     final = LogLLaMADetector.load(args.output, device=settings.device)
     compare: dict[str, Any] = {}

@@ -5,8 +5,12 @@
   does), a seeded stratified sample for HDFS (whose split is random by block).
 - Stage 1 (and stage 2) learn from the remaining train windows labelled normal; labels are used
   only to drop anomalous windows. With `assume_normal` every window counts as normal.
-- Keys are mined from the lines of exactly those windows, so a template that only occurs in
-  anomalous or validation windows is `UNKNOWN` to the model, as it will be in serving.
+- Keys are mined from every normal window of the train split (the learning windows *and* the
+  normal validation windows): the vocabulary is "what normal traffic looked like", and on
+  chronological data the held-out tail is the most recent normal traffic (BGL's sample grows a
+  new frequent template in its last train windows). A template seen only in anomalous windows is
+  `UNKNOWN`, as it will be in serving. A template seen only in validation is known but was never
+  a training target, so the model ranks it low: a miss unless K is large.
 - K is tuned on the validation windows' worst ranks (see `tune_top_k`).
 """
 
@@ -32,6 +36,10 @@ class Carved:
     def stage_windows(self) -> list[LabeledWindow]:
         """The windows the model learns from: normal ones only (labels used to drop, nothing else)."""
         return [item for item in self.fit if not item.label]
+
+    def vocabulary_windows(self) -> list[LabeledWindow]:
+        """The windows whose lines define the known templates: every normal train window, in stream order."""
+        return [item for item in self.fit + self.validation if not item.label]
 
 
 def carve_validation(train: Sequence[LabeledWindow], fraction: float, *, chronological: bool,
@@ -78,7 +86,7 @@ class TopKChoice:
         return {"top_k": self.top_k, "rule": self.rule, "validation": self.at_k, "sweep": self.sweep}
 
 
-def tune_top_k(worst_ranks: Sequence[int], labels: Sequence[bool], templates: int, *,
+def tune_top_k(worst_ranks: Sequence[int], labels: Sequence[bool], candidates: int, *,
                max_alarm_rate: float = 0.01, fixed: int | None = None) -> TopKChoice:
     """Choose K from the validation windows' worst ranks (a window is flagged at K iff worst rank > K).
 
@@ -87,15 +95,15 @@ def tune_top_k(worst_ranks: Sequence[int], labels: Sequence[bool], templates: in
       boundary does not sit right on a validation window;
     - otherwise (no anomalies, or none separable): the smallest K that flags at most
       `max_alarm_rate` of the normal validation windows (the most sensitive model whose false
-      alarm rate is acceptable); K = templates if none does (unseen templates always alarm).
+      alarm rate is acceptable); K = candidates if none does (unseen templates always alarm).
     """
     if len(worst_ranks) != len(labels) or not worst_ranks:
         raise ValueError("need one label per validation window, and at least one window")
-    if templates < 1:
-        raise ValueError("no templates")
+    if candidates < 1:
+        raise ValueError("no candidate keys")
     sweep = []
     normal = [r for r, label in zip(worst_ranks, labels) if not label]
-    for k in range(1, templates + 1):
+    for k in range(1, candidates + 1):
         predicted = [r > k for r in worst_ranks]
         counts = confusion(labels, predicted)
         alarms = sum(1 for r in normal if r > k)
@@ -103,8 +111,8 @@ def tune_top_k(worst_ranks: Sequence[int], labels: Sequence[bool], templates: in
                       "f1": round(counts.f1, 6), "flagged": sum(predicted),
                       "alarm_rate": round(alarms / len(normal), 6) if normal else None})
     if fixed is not None:
-        if not 1 <= fixed <= templates:
-            raise ValueError(f"--top-k {fixed} outside 1..{templates} (the number of templates)")
+        if not 1 <= fixed <= candidates:
+            raise ValueError(f"--top-k {fixed} outside 1..{candidates} (the number of candidate keys)")
         return TopKChoice(fixed, "fixed", sweep[fixed - 1], sweep)
     best = max(entry["f1"] for entry in sweep)
     if any(labels) and not all(labels) and best > 0:
@@ -113,5 +121,5 @@ def tune_top_k(worst_ranks: Sequence[int], labels: Sequence[bool], templates: in
         return TopKChoice(k, "f1", sweep[k - 1], sweep)
     if not normal:
         raise ValueError("no normal validation windows to tune K on")
-    k = next((entry["k"] for entry in sweep if entry["alarm_rate"] <= max_alarm_rate), templates)
+    k = next((entry["k"] for entry in sweep if entry["alarm_rate"] <= max_alarm_rate), candidates)
     return TopKChoice(k, "alarm_rate", sweep[k - 1], sweep)

@@ -2,9 +2,11 @@
 
 Each line's masked message maps to a key through the artifact's frozen Drain templates (a template
 never seen in training is `UNKNOWN`, always a miss); the model ranks every line's key given the
-lines before it in the window, and a window is anomalous when some key falls outside the top K
-(`logstream.logllama`). The verdict's evidence names those lines — index, offset, template, rank
-and what the model expected instead — so the alert says *which* lines were unexpected.
+lines before it in the window (and, for a session that ended, the end itself), and a window is
+anomalous when some key falls outside the top K (`logstream.logllama`). The verdict's evidence
+names those lines — index, offset, template, rank and what the model expected instead — so the
+alert says *which* lines were unexpected (reasons `unseen_template`, `unexpected_key`, and
+`unexpected_end` on the last line of a session that stopped where more was expected).
 
 A rank cache keyed by the window's key sequence skips the model for repeated windows (periodic
 jobs, identical HDFS block lifecycles); evidence is rebuilt per window, so offsets stay right.
@@ -12,7 +14,6 @@ jobs, identical HDFS block lifecycles); evidence is rebuilt per window, so offse
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from logstream.logllama import (
     Artifact,
     ArtifactError,
     KeyScorer,
+    KeyWindow,
     RankedWindow,
     artifact_fingerprint,
     judge,
@@ -37,10 +39,6 @@ log = get_logger(__name__)
 
 MAX_EVIDENCE = 20
 _EXPECTED_CHARS = 200
-
-
-def sequence_key(keys: Sequence[int]) -> bytes:
-    return hashlib.blake2b(b"".join(k.to_bytes(4, "little") for k in keys), digest_size=16).digest()
 
 
 class LogLLaMADetector:
@@ -75,7 +73,7 @@ class LogLLaMADetector:
             raise DetectorNotReady(f"cannot load LogLLaMA artifact {directory}: {exc}") from None
         detector = cls(artifact, device=target, cache_size=cache_size, fingerprint=fingerprint)
         log.info("logllama_ready", model=str(directory), version=detector.version, device=str(target),
-                 templates=artifact.keys.templates, top_k=detector.top_k, stage=artifact.config.get("stage"))
+                 candidates=artifact.keys.candidates, top_k=detector.top_k, stage=artifact.config.get("stage"))
         return detector
 
     @classmethod
@@ -97,17 +95,17 @@ class LogLLaMADetector:
     def score(self, windows: Sequence[Window]) -> list[Verdict]:
         """One verdict per window, in order; windows with a new key sequence are ranked together."""
         started = time.perf_counter()
-        sequences = [self.keys.keys(window.templates) for window in windows]
-        digests = [sequence_key(keys) for keys in sequences]
+        keyed = [KeyWindow.of(window, self.keys) for window in windows]
+        digests = [item.digest() for item in keyed]
         known: dict[bytes, RankedWindow] = {}
-        todo: dict[bytes, list[int]] = {}
-        for digest, keys in zip(digests, sequences):
+        todo: dict[bytes, KeyWindow] = {}
+        for digest, item in zip(digests, keyed):
             if digest in known or digest in todo:
                 self.cache.count_hit()
                 continue
             ranked = self.cache.get(digest)
             if ranked is None:
-                todo[digest] = keys
+                todo[digest] = item
             else:
                 known[digest] = ranked
         if todo:
@@ -121,17 +119,21 @@ class LogLLaMADetector:
         return verdicts
 
     def verdict(self, window: Window, ranked: RankedWindow) -> Verdict:
-        judgement = judge(ranked.ranks, self.top_k, self.keys.templates)
+        judgement = judge(ranked.ranks, self.top_k, self.keys.candidates)
         evidence = tuple(self._evidence(window, ranked, i) for i in judgement.misses[:MAX_EVIDENCE])
         return Verdict(anomalous=judgement.anomalous, score=judgement.score, evidence=evidence)
 
     def _evidence(self, window: Window, ranked: RankedWindow, index: int) -> dict[str, object]:
-        line = window.lines[index]
-        unseen = ranked.keys[index] == UNKNOWN
+        """One missed target as alert evidence: the line (the last one for an unexpected end) and why."""
+        ending = index == len(ranked.keyed.keys)
+        line_index = index - 1 if ending else index
+        line = window.lines[line_index]
+        unseen = not ending and ranked.keyed.keys[index] == UNKNOWN
+        reason = "unexpected_end" if ending else "unseen_template" if unseen else "unexpected_key"
         return {
-            "line": index,
+            "line": line_index,
             "offset": line.offset,
-            "reason": "unseen_template" if unseen else "unexpected_key",
+            "reason": reason,
             "template": line.template,
             "rank": None if unseen else ranked.ranks[index],
             "top_k": self.top_k,
