@@ -12,11 +12,17 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from logstream.logs import kafka_client_logger
 from logstream.settings import Settings
 
 
 def base_config(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.bootstrap_servers, "log.connection.close": False, **settings.kafka_option}
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "log.connection.close": False,
+        "logger": kafka_client_logger(),
+        **settings.kafka_option,
+    }
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from logstream.alerts import build_alert, encode_alert, severity
 from logstream.checkpoint import CommittedPosition, Cut, OutputLedger, PartitionCut, parse_metadata
 from logstream.detectors.base import Detector
 from logstream.kafka import consumer_config, ensure_topics, producer_config, read_record
-from logstream.logs import get_logger
+from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Health, Metrics
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine, Window
@@ -131,6 +131,7 @@ class Pipeline:
         self._last_cut_at = time.monotonic()
         self._last_lag_at = 0.0
         self._fatal: str | None = None
+        self._error_log = LogThrottle(10.0)
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.scorer = ScoringWorker(
@@ -156,10 +157,7 @@ class Pipeline:
                     settings.resolved_state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000"},
                 },
             )
-        self.producer = Producer({**producer_config(settings), "error_cb": self._on_kafka_error})
-        if self.exactly_once:
-            self.producer.init_transactions(KAFKA_CALL_TIMEOUT_S * 3)
-            self.producer.begin_transaction()
+        self.producer = self._new_producer()
         self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
         self.scorer.start()
         self.consumer.subscribe(
@@ -183,6 +181,22 @@ class Pipeline:
         finally:
             self._close(clean=code == 0)
         return code
+
+    def _new_producer(self) -> Producer:
+        """A producer; in exactly-once mode its init fences (and aborts the transaction of) any earlier one."""
+        producer = Producer({**producer_config(self.settings), "error_cb": self._on_kafka_error})
+        if not self.exactly_once:
+            return producer
+        while True:  # the coordinator may be unreachable for a while (broker outage): keep trying
+            try:
+                producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
+                break
+            except KafkaException as exc:
+                if exc.args[0].fatal() or self.stop_event.is_set():
+                    raise FatalPipelineError(f"cannot start the transactional producer: {exc}") from exc
+                log.warning("producer_init_retry", error=str(exc))
+        producer.begin_transaction()
+        return producer
 
     def _loop(self) -> int:
         assert self.consumer is not None
@@ -265,7 +279,7 @@ class Pipeline:
         s = self.settings
         self._epoch += 1
         windower = make_windower(
-            s.window, tp[0], tp[1], size=s.window_size, stride=s.stride, gap=s.session_gap,
+            s.window, tp[0], tp[1], size=s.window_size, stride=s.stride, gap=s.effective_session_gap,
             grace=s.session_grace, max_lines=s.session_max_lines, max_open=s.session_max_open,
         )
         state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
@@ -312,7 +326,11 @@ class Pipeline:
         self.metrics.rebalances.labels("lost").inc()
         log.warning("partitions_lost", partitions=sorted(f"{t}/{p}" for t, p in lost))
         if self.exactly_once:
-            self._abort_and_rewind(keep_out=lost)
+            # Our group generation is gone (session expired, broker outage): the open transaction
+            # can never commit. A fresh transactional producer aborts it for certain, where the old
+            # one's coordinator state may not have survived the outage.
+            self._replace_producer()
+            self._rewind(set(self.parts) - lost)
         self._drop(lost)
 
     def _drop(self, tps: set[TP]) -> None:
@@ -360,7 +378,9 @@ class Pipeline:
         if error.fatal() or error.code() == KafkaError._FATAL:
             self._fatal = f"consumer fenced or broken: {error}"  # e.g. a newer instance took our static id
             return
-        log.warning("consume_error", error=str(error))
+        suppressed = self._error_log.allow(f"consume:{error.name()}", time.monotonic())
+        if suppressed is not None:
+            log.warning("consume_error", error=str(error), suppressed_since_last=suppressed)
 
     def _handle_record(self, state: PartitionState, message: Message) -> None:
         offset = message.offset()
@@ -605,18 +625,32 @@ class Pipeline:
             for output in held:
                 self._produce(state, output)
 
+    def _replace_producer(self) -> None:
+        """Drop the transactional producer (its open transaction with it) and start a fresh one."""
+        assert self.producer is not None
+        self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+        self.producer.flush(0)
+        self.producer = self._new_producer()
+        self._pending_cut = None
+
     def _abort_and_rewind(self, keep_out: set[TP]) -> None:
         """Exactly-once recovery: abort the open transaction and replay every partition from its commit."""
-        assert self.producer is not None and self.consumer is not None
+        assert self.producer is not None
         try:
             self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+            self.producer.begin_transaction()
         except KafkaException as exc:
             if exc.args[0].fatal():
                 raise FatalPipelineError(f"cannot abort transaction: {exc}") from exc
-        self.producer.begin_transaction()
+            log.warning("transaction_abort_failed", error=str(exc), action="replacing the producer")
+            self._replace_producer()
         self._pending_cut = None
-        rewind = [tp for tp in self.parts if tp not in keep_out]
-        self.scorer.drop(lambda job: False)
+        self._rewind({tp for tp in self.parts if tp not in keep_out})
+
+    def _rewind(self, rewind: set[TP]) -> None:
+        """Forget everything since the last commit of these partitions and read them again from it."""
+        assert self.consumer is not None
+        self.scorer.drop(lambda job: (job.window.topic, job.window.partition) not in rewind)
         if not rewind:
             return
         committed = self.consumer.committed([TopicPartition(*tp) for tp in rewind], timeout=KAFKA_CALL_TIMEOUT_S)
@@ -742,4 +776,6 @@ class Pipeline:
             self.health.broker_ok = False
         if error.fatal() or error.code() == KafkaError._FATAL:
             self._fatal = f"kafka client fatal error: {error}"
-        log.warning("kafka_error", error=str(error), code=error.name())
+        suppressed = self._error_log.allow(error.name(), time.monotonic())
+        if suppressed is not None:
+            log.warning("kafka_error", error=str(error), code=error.name(), suppressed_since_last=suppressed)

@@ -20,6 +20,13 @@ EmitMode = Literal["anomalous", "all"]
 Guarantee = Literal["at-least-once", "exactly-once"]
 
 
+# Measured on the shared HDFS training sample (5,727 blocks over 38.7 h): the longest quiet spell inside
+# one block is 12.9 h, and a 300 s gap cuts 79 % of the blocks into several sessions. One day keeps every
+# block whole, as the LogLLM paper does (all lines of a block form one session).
+HDFS_SESSION_GAP_S = 86_400.0
+DEFAULT_SESSION_GAP_S = 300.0
+
+
 def default_cache_dir() -> Path:
     """Where prepared models and the embedded broker's data live unless told otherwise."""
     return Path.home() / ".cache" / "logstream"
@@ -63,7 +70,11 @@ class Settings(BaseSettings):
     window: WindowKind = Field("count", description="count windows or session windows keyed by block id")
     window_size: int = Field(100, ge=1, description="lines per count window")
     window_stride: int | None = Field(None, ge=1, description="lines between count window starts (default: size)")
-    session_gap: float = Field(300.0, gt=0, description="seconds of event-time inactivity that close a session")
+    session_gap: float | None = Field(
+        None, gt=0,
+        description="seconds of event-time inactivity that close a session (default: 86400 for hdfs, whose "
+        "blocks stay quiet for hours between lines; 300 otherwise)",
+    )
     session_grace: float = Field(30.0, ge=0, description="extra event-time seconds allowed for late lines")
     session_max_lines: int = Field(1000, ge=1, description="a session reaching this many lines closes")
     session_max_open: int = Field(100_000, ge=1, description="open sessions per partition; the oldest closes first")
@@ -110,6 +121,12 @@ class Settings(BaseSettings):
     @property
     def stride(self) -> int:
         return self.window_stride or self.window_size
+
+    @property
+    def effective_session_gap(self) -> float:
+        if self.session_gap is not None:
+            return self.session_gap
+        return HDFS_SESSION_GAP_S if self.format == "hdfs" else DEFAULT_SESSION_GAP_S
 
     @property
     def resolved_state_topic(self) -> str:

@@ -47,6 +47,7 @@ from logstream.files import iter_log_lines, iter_records, open_binary
 from logstream.logs import get_logger
 from logstream.parsing import LineParser, block_ids, mask
 from logstream.records import LogLine, Window
+from logstream.settings import HDFS_SESSION_GAP_S
 from logstream.windows import make_windower
 
 log = get_logger(__name__)
@@ -54,10 +55,7 @@ log = get_logger(__name__)
 DATASETS = ("hdfs", "bgl", "thunderbird", "liberty")
 FORMATS = {"hdfs": "hdfs", "bgl": "bgl", "thunderbird": "thunderbird", "liberty": "liberty"}
 
-# Measured on ../shared/data/HDFS/HDFS_train_sample.log (5,727 blocks over 38.7 h): the longest quiet
-# spell inside one block is 12.9 h, and a 300 s gap cuts 4,523 blocks (79 %) into several sessions.
-# One day keeps every block whole, as the paper does (all lines of a block form one session).
-HDFS_SESSION_GAP_S = 86_400.0
+# The HDFS session gap (one day) is the consumer's own default for --format hdfs (logstream.settings).
 # With a one-day gap, every block of the last day is open at once (hundreds of thousands on the full
 # HDFS log); the consumer's 100,000 would close sessions early, so the trainer allows far more.
 HDFS_SESSION_MAX_OPEN = 10_000_000

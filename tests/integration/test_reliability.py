@@ -208,8 +208,15 @@ def test_sigterm_publishes_commits_and_leaves_the_group(bootstrap: str, tmp_path
     assert time.monotonic() - started < 10
     # the interval commit never came (30 s): the shutdown committed; the open tail window is left to replay
     assert committed_offsets(bootstrap, group, topic) == {0: 1000}
-    description = AdminClient({"bootstrap.servers": bootstrap}).describe_consumer_groups([group])[group].result()
-    assert not description.members
+    assert wait_for(lambda: group_members(bootstrap, group) == 0, timeout=30), "the member left the group"
+
+
+def group_members(bootstrap: str, group: str) -> int | None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        return len(admin.describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10).members)
+    except Exception:  # noqa: BLE001 - the broker may answer only once the group settles
+        return None
 
 
 # --- broker outage ---------------------------------------------------------------------------------------
