@@ -16,6 +16,9 @@ from logstream.logs import kafka_client_logger
 from logstream.settings import Settings
 
 
+RECORD_OVERHEAD_BYTES = 65_536  # headers and batch framing on top of a record's value
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
     return {
         "bootstrap.servers": settings.bootstrap_servers,
@@ -49,6 +52,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "zstd",
+        "message.max.bytes": max(1_000_000, settings.dlq_max_bytes + RECORD_OVERHEAD_BYTES),
     }
     if settings.guarantee == "exactly-once":
         config.update(

@@ -36,7 +36,7 @@ from logstream import __version__
 from logstream.alerts import build_alert, encode_alert, severity
 from logstream.checkpoint import CommittedPosition, Cut, OutputLedger, PartitionCut, parse_metadata
 from logstream.detectors.base import Detector
-from logstream.kafka import consumer_config, ensure_topics, producer_config, read_record
+from logstream.kafka import RECORD_OVERHEAD_BYTES, consumer_config, ensure_topics, producer_config, read_record
 from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Health, Metrics
 from logstream.parsing import BadRecord, LineParser
@@ -153,7 +153,7 @@ class Pipeline:
                 settings,
                 {
                     settings.alerts_topic: {},
-                    settings.dlq_topic: {},
+                    settings.dlq_topic: {"max.message.bytes": str(settings.dlq_max_bytes + RECORD_OVERHEAD_BYTES)},
                     settings.resolved_state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000"},
                 },
             )
@@ -475,8 +475,11 @@ class Pipeline:
     def _dead_letter(self, state: PartitionState, message: Message, reason: str, detail: str) -> None:
         self.metrics.dlq_records.labels(reason).inc()
         headers = self._headers(message.topic(), message.partition(), message.offset(), reason, detail)
-        self._emit(Output(state.tp, state.ledger.issue(), self.settings.dlq_topic, message.key(),
-                          message.value() or b"", headers))
+        value = message.value() or b""
+        if len(value) > self.settings.dlq_max_bytes:  # the broker would refuse it: keep the head, say so
+            headers.append(("logstream.original-size", str(len(value)).encode()))
+            value = value[: self.settings.dlq_max_bytes]
+        self._emit(Output(state.tp, state.ledger.issue(), self.settings.dlq_topic, message.key(), value, headers))
 
     @staticmethod
     def _headers(topic: str, partition: int, offset: int, reason: str, detail: str) -> list[tuple[str, bytes]]:

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # --- Parsing ------------------------------------------------------------------------------
     format: LogFormat = Field("generic", description="line format of the raw topic")
     max_line_bytes: int = Field(1_048_576, ge=64, description="longer records go to the dead-letter topic")
+    dlq_max_bytes: int = Field(
+        1_000_000, ge=1024,
+        description="largest dead-letter record: a longer original keeps its first bytes, with its full size in "
+        "header logstream.original-size (raise together with the topic's max.message.bytes)",
+    )
 
     # --- Windowing ----------------------------------------------------------------------------
     window: WindowKind = Field("count", description="count windows or session windows keyed by block id")

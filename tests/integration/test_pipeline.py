@@ -172,7 +172,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_the_consumer_carries_on(boo
             records.extend(bad)
     create_topic(bootstrap, topic)
     produce_lines(bootstrap, topic, records)
-    settings = make_settings(bootstrap, topic, format="bgl", window="count", max_line_bytes=4096)
+    settings = make_settings(bootstrap, topic, format="bgl", window="count", max_line_bytes=4096, dlq_max_bytes=4096)
     assert run_once(settings) == 0
 
     alerts = read_alerts(bootstrap, settings.alerts_topic)
@@ -181,7 +181,12 @@ def test_bad_records_go_to_the_dead_letter_topic_and_the_consumer_carries_on(boo
     assert len(dead) == 6 * len(bad)
     for message in dead:
         headers = {k: v.decode() for k, v in message.headers()}
-        assert bad[message.value()] == headers["logstream.reason"]
+        value = message.value()
+        if "logstream.original-size" in headers:  # longer than --dlq-max-bytes: the head of the original
+            assert headers["logstream.reason"] == "too_large" and len(value) == 4096
+            value = next(record for record in bad if record.startswith(value))
+            assert int(headers["logstream.original-size"]) == len(value)
+        assert bad[value] == headers["logstream.reason"]
         assert headers["logstream.source.topic"] == topic
         assert int(headers["logstream.source.offset"]) >= 0
     assert committed_offsets(bootstrap, settings.group_id, topic) == {0: len(records)}
