@@ -10,11 +10,29 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from logstream.settings import Settings
 
 COMMANDS: dict[str, str] = {
     "evaluate": "trainer.evaluate",
     "fit-logllama": "trainer.fit_logllama",
 }
+
+
+def command_settings(args: argparse.Namespace, flags: Sequence[str], command: str) -> Settings | None:
+    """The Settings a subcommand exposes as flags; None (after saying why on stderr) when they are invalid."""
+    from pydantic import ValidationError
+
+    from logstream.settings import Settings
+
+    try:
+        return Settings(**{name: value for name, value in vars(args).items() if name in flags})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"logstream-train {command}: invalid settings: {problems}", file=sys.stderr)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from logstream.detectors.base import Detector, DetectorNotReady
 from logstream.logs import configure_logging, get_logger
@@ -264,12 +263,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.cli import command_settings
+
     started = time.perf_counter()
-    try:
-        settings = Settings(**{name: value for name, value in vars(args).items() if name in SETTINGS_FLAGS})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"logstream-train evaluate: invalid settings: {problems}", file=sys.stderr)
+    settings = command_settings(args, SETTINGS_FLAGS, "evaluate")
+    if settings is None:
         return 2
     configure_logging(settings.log_level)
     detector: Detector | None = None

@@ -34,13 +34,13 @@ from typing import Any
 import orjson
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
 from logstream.logkeys import FIRST_TEMPLATE, UNKNOWN, DrainOptions, KeysError, LogKeys
 from logstream.logllama import (
     IGNORE,
     ArtifactError,
+    Batch,
     Chunk,
     KeyScorer,
     KeyWindow,
@@ -226,6 +226,15 @@ def _progress(total: int, initial: int, desc: str) -> Any:
 # --- the run --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class StageRun:
+    """What a stage's loop did: steps taken (in total, across resumes), wall seconds, per-step history."""
+
+    steps: int
+    seconds: float
+    history: list[Any]
+
+
 @dataclass
 class Prepared:
     """The split, the carve, the keys and the rows the stages learn from."""
@@ -313,50 +322,30 @@ class Trainer:
         model.to(self.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr_stage1, weight_decay=0.01)
         per_epoch = math.ceil(len(data.chunks) / c.batch_size)
-        total = per_epoch * c.epochs_stage1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(per_epoch * c.epochs_stage1))
         generator = torch.Generator().manual_seed(c.seed)
-        state = self._restore("1", model, optimizer, scheduler, generator)
-        step, seconds, losses = state["step"], state["seconds"], state["losses"]
-        bar = _progress(total, step, "stage 1 next-key")
-        began = time.perf_counter() - seconds
-        keys_seen = 0
-        window_began = time.perf_counter()
-        try:
-            while step < total:
-                epoch, offset = divmod(step, per_epoch)
-                batches = epoch_batches(data.chunks, c.batch_size, c.seed, epoch)
-                for indices in batches[offset:]:
-                    batch = collate([data.chunks[i] for i in indices])
-                    inputs = corrupt_inputs(batch.inputs, c.unknown_rate, generator)
-                    logits = model(input_ids=inputs.to(self.device), attention_mask=batch.mask.to(self.device)).logits
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(self.device).flatten(),
-                                           ignore_index=IGNORE)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    losses.append(round(loss.item(), 5))
-                    keys_seen += int((batch.targets != IGNORE).sum())
-                    rate = keys_seen / max(1e-9, time.perf_counter() - window_began)
-                    bar.set_postfix(loss=f"{_recent(losses):.4f}", keys_s=f"{rate:,.0f}",
-                                    lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch + 1, refresh=False)
-                    bar.update(1)
-                    if step % self.checkpoint_every == 0 or step == total:
-                        seconds = time.perf_counter() - began
-                        self._checkpoint("1", step, model, optimizer, scheduler, generator, losses, seconds)
-                        log.info("stage1_progress", step=step, total=total, epoch=epoch + 1,
-                                 loss=round(_recent(losses), 5), keys_per_s=round(rate), seconds=round(seconds, 1))
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - began
-        if not losses:
-            raise FitError("stage 1 made no step (no rows)")
+
+        def step(batch: Batch) -> float:
+            inputs = corrupt_inputs(batch.inputs, c.unknown_rate, generator).to(self.device)
+            logits = model(input_ids=inputs, attention_mask=batch.mask.to(self.device)).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.to(self.device).flatten(),
+                                   ignore_index=IGNORE)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return round(loss.item(), 5)
+
+        def describe(history: list[Any]) -> dict[str, Any]:
+            return {"loss": round(_recent(history), 5), "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+
+        run = self._run_stage("1", data, model, optimizer, scheduler, generator, epochs=c.epochs_stage1,
+                              batch_seed=c.seed, desc="stage 1 next-key", step=step, describe=describe)
         choice = self.tune(model, data)
-        stage_info = {"seconds": round(seconds, 1), "steps": step, "epochs": c.epochs_stage1,
-                      "loss_first": _mean(losses[:max(1, per_epoch)]), "loss_last": _mean(losses[-max(1, per_epoch):]),
+        losses = run.history
+        stage_info = {"seconds": run.seconds, "steps": run.steps, "epochs": c.epochs_stage1,
+                      "loss_first": _mean(losses[:per_epoch]), "loss_last": _mean(losses[-per_epoch:]),
                       "top_k": choice.top_k, "validation": choice.at_k}
         self.summary["stages"]["1"] = stage_info
         self.save("1", model, data, choice, init=init, training={"stage1": stage_info},
@@ -381,50 +370,26 @@ class Trainer:
         if not 1 <= k <= data.keys.candidates:
             raise FitError(f"--rl-top-k {k} outside 1..{data.keys.candidates}")
         optimizer = torch.optim.AdamW(policy.parameters(), lr=c.lr_stage2, weight_decay=0.0)
-        per_epoch = math.ceil(len(data.chunks) / c.batch_size)
-        total = per_epoch * c.epochs_stage2
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
         generator = torch.Generator().manual_seed(c.seed + 1)
-        state = self._restore("2", policy, optimizer, scheduler, generator)
-        step, seconds, history = state["step"], state["seconds"], state["losses"]
-        bar = _progress(total, step, f"stage 2 {c.rl} top-{k}")
-        began = time.perf_counter() - seconds
-        keys_seen = 0
-        window_began = time.perf_counter()
-        try:
-            while step < total:
-                epoch, offset = divmod(step, per_epoch)
-                batches = epoch_batches(data.chunks, c.batch_size, c.seed + 7, epoch)
-                for indices in batches[offset:]:
-                    batch = collate([data.chunks[i] for i in indices]).to(self.device)
-                    record = self.rl_step(policy, reference, optimizer, batch, k, generator)
-                    scheduler.step()
-                    step += 1
-                    history.append(record)
-                    keys_seen += int((batch.targets != IGNORE).sum())
-                    rate = keys_seen / max(1e-9, time.perf_counter() - window_began)
-                    recent = history[-50:]
-                    bar.set_postfix(reward=f"{_mean([r[0] for r in recent]):+.3f}",
-                                    kl=f"{_mean([r[2] for r in recent]):.4f}", keys_s=f"{rate:,.0f}",
-                                    epoch=epoch + 1, refresh=False)
-                    bar.update(1)
-                    if step % self.checkpoint_every == 0 or step == total:
-                        seconds = time.perf_counter() - began
-                        self._checkpoint("2", step, policy, optimizer, scheduler, generator, history, seconds)
-                        log.info("stage2_progress", step=step, total=total, epoch=epoch + 1,
-                                 greedy_reward=round(_mean([r[0] for r in recent]), 4),
-                                 kl=round(_mean([r[2] for r in recent]), 5), keys_per_s=round(rate),
-                                 seconds=round(seconds, 1))
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - began
-        if not history:
-            raise FitError("stage 2 made no step (no rows)")
+
+        def step(batch: Batch) -> tuple[float, float, float, float]:
+            record = self.rl_step(policy, reference, optimizer, batch.to(self.device), k, generator)
+            scheduler.step()
+            return record
+
+        def describe(history: list[Any]) -> dict[str, Any]:
+            recent = history[-50:]
+            return {"greedy_reward": _mean([r[0] for r in recent]), "kl": _mean([r[2] for r in recent])}
+
+        run = self._run_stage("2", data, policy, optimizer, scheduler, generator, epochs=c.epochs_stage2,
+                              batch_seed=c.seed + 7, desc=f"stage 2 {c.rl} top-{k}", step=step, describe=describe)
         policy.eval()
         choice = self.tune(policy, data)
-        first, last = history[:max(1, per_epoch)], history[-max(1, per_epoch):]
+        per_epoch = math.ceil(len(data.chunks) / c.batch_size)
+        first, last = run.history[:per_epoch], run.history[-per_epoch:]
         stage_info = {
-            "seconds": round(seconds, 1), "steps": step, "epochs": c.epochs_stage2, "algorithm": c.rl,
+            "seconds": run.seconds, "steps": run.steps, "epochs": c.epochs_stage2, "algorithm": c.rl,
             "reward_top_k": k, "greedy_reward_first": _mean([r[0] for r in first]),
             "greedy_reward_last": _mean([r[0] for r in last]), "sampled_reward_last": _mean([r[1] for r in last]),
             "kl_last": _mean([r[2] for r in last]), "entropy_last": _mean([r[3] for r in last]),
@@ -435,6 +400,44 @@ class Trainer:
                   training={"stage1": stage1_info, "stage2": stage_info}, directory=self.output)
         log.info("stage2_done", **{k: v for k, v in stage_info.items() if k != "validation"},
                  validation_f1=choice.at_k["f1"])
+
+    def _run_stage(self, stage: str, data: Prepared, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any, generator: torch.Generator, *, epochs: int, batch_seed: int, desc: str,
+                   step: Callable[[Batch], Any], describe: Callable[[list[Any]], dict[str, Any]]) -> StageRun:
+        """The loop both stages share: seeded epochs of batches from the last checkpoint, bar, logs, checkpoints.
+
+        `step` trains on one batch and returns what to keep per step (a loss, or RL statistics);
+        `describe` turns that history into the numbers shown on the bar and in progress log lines.
+        """
+        per_epoch = math.ceil(len(data.chunks) / self.config.batch_size)
+        total = per_epoch * epochs
+        state = self._restore(stage, model, optimizer, scheduler, generator)
+        done, history = state["step"], state["losses"]
+        began = time.perf_counter() - state["seconds"]
+        bar = _progress(total, done, desc)
+        keys_seen, window_began = 0, time.perf_counter()
+        try:
+            while done < total:
+                epoch, offset = divmod(done, per_epoch)
+                for indices in epoch_batches(data.chunks, self.config.batch_size, batch_seed, epoch)[offset:]:
+                    batch = collate([data.chunks[i] for i in indices])
+                    history.append(step(batch))
+                    done += 1
+                    keys_seen += int((batch.targets != IGNORE).sum())
+                    rate = keys_seen / max(1e-9, time.perf_counter() - window_began)
+                    shown = describe(history)
+                    bar.set_postfix(**shown, keys_s=f"{rate:,.0f}", epoch=epoch + 1, refresh=False)
+                    bar.update(1)
+                    if done % self.checkpoint_every == 0 or done == total:
+                        seconds = time.perf_counter() - began
+                        self._checkpoint(stage, done, model, optimizer, scheduler, generator, history, seconds)
+                        log.info(f"stage{stage}_progress", step=done, total=total, epoch=epoch + 1, **shown,
+                                 keys_per_s=round(rate), seconds=round(seconds, 1))
+        finally:
+            bar.close()
+        if not history:
+            raise FitError(f"stage {stage} made no step (no rows)")
+        return StageRun(done, round(time.perf_counter() - began, 1), history)
 
     def rl_step(self, policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
                 k: int, generator: torch.Generator) -> tuple[float, float, float, float]:
@@ -733,12 +736,11 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.cli import command_settings
+
     started = time.perf_counter()
-    try:
-        settings = Settings(**{name: value for name, value in vars(args).items() if name in SETTINGS_FLAGS})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"logstream-train fit-logllama: invalid settings: {problems}", file=sys.stderr)
+    settings = command_settings(args, SETTINGS_FLAGS, "fit-logllama")
+    if settings is None:
         return 2
     configure_logging(settings.log_level)
     try:
