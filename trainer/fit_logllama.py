@@ -25,7 +25,6 @@ import math
 import random
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,12 +57,12 @@ from logstream.settings import Settings
 from trainer import rl
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, Split, load_split
 from trainer.logllama_data import Carved, TopKChoice, carve_validation, mine_keys, tune_top_k
+from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
 
 log = get_logger(__name__)
 
 STAGE1_DIR = "stage1"
 CHECKPOINTS = "checkpoints"
-RUN_FILE = "run.json"
 DATA_FILE = "data.json"
 SUMMARY_FILE = "fit-summary.json"
 SETTINGS_FLAGS = ("window_size", "window_stride", "session_gap", "session_grace", "session_max_lines",
@@ -72,7 +71,7 @@ _SHAPE_FLAGS = ("layers", "hidden", "heads", "intermediate")
 _SHAPE, _DRAIN = ModelShape(), DrainOptions()  # defaults shown in --help
 
 
-class FitError(ValueError):
+class FitError(RunError):
     """A training run cannot start or continue as asked; the message says why (exit 2)."""
 
 
@@ -116,58 +115,20 @@ class FitConfig:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-class CheckpointStore:
-    """DIR/checkpoints: run.json (the FitConfig and a run id), keys, the data roles, one file per stage."""
+class CheckpointStore(RunStore):
+    """DIR/checkpoints (`trainer.training.RunStore`) plus the run's keys and data roles."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def begin(self, config: FitConfig, *, resume: bool) -> str:
-        """The run id: a new run (refused over an existing one without --resume) or the resumed one."""
-        path = self.directory / RUN_FILE
-        wanted = asdict(config)
-        if path.is_file():
-            saved = orjson.loads(path.read_bytes())
-            if not resume:
-                raise FitError(f"{self.directory.parent} holds a training run already; pass --resume to continue "
-                               "it, or choose another --output")
-            differ = sorted(k for k in set(wanted) | set(saved["config"]) if wanted.get(k) != saved["config"].get(k))
-            if differ:
-                raise FitError("--resume with other settings than the run in "
-                               f"{self.directory.parent}: {', '.join(differ)} differ")
-            log.info("fit_resumed", run_id=saved["run_id"], output=str(self.directory.parent))
-            return str(saved["run_id"])
-        if resume:
-            raise FitError(f"nothing to resume in {self.directory.parent} (no {CHECKPOINTS}/{RUN_FILE})")
-        run_id = uuid.uuid4().hex[:16]
-        self._write_json(path, {"run_id": run_id, "config": wanted, "started_at": time.time()})
-        return run_id
+        super().__init__(directory, FitError)
 
     def keys_path(self) -> Path:
         return self.directory / "keys.json"
 
     def stage_path(self, stage: str) -> Path:
-        return self.directory / f"stage{stage}.pt"
-
-    def save(self, stage: str, payload: dict[str, Any]) -> None:
-        path = self.stage_path(stage)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        log.info("checkpoint_saved", stage=stage, step=payload["step"], path=str(path))
-
-    def load(self, stage: str) -> dict[str, Any] | None:
-        path = self.stage_path(stage)
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        return self.path(f"stage{stage}")
 
     def write_data(self, body: dict[str, Any]) -> None:
-        self._write_json(self.directory / DATA_FILE, body)
-
-    def _write_json(self, path: Path, body: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-        tmp.replace(path)
+        self.write_json(DATA_FILE, body)
 
 
 # --- batches and schedules ------------------------------------------------------------------------
@@ -216,13 +177,6 @@ def corrupt_inputs(batch_inputs: torch.Tensor, rate: float, generator: torch.Gen
     return batch_inputs.masked_fill(hit, UNKNOWN)
 
 
-def _progress(total: int, initial: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, disable=None,
-                dynamic_ncols=True)
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -259,7 +213,7 @@ class Trainer:
         self.cache_dir = cache_dir
         self.checkpoint_every = checkpoint_every
         self.store = CheckpointStore(output / CHECKPOINTS)
-        self.run_id = self.store.begin(config, resume=resume)
+        self.run_id = self.store.begin(asdict(config), resume=resume)
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
 
     # --- data ---------------------------------------------------------------------------------
@@ -338,14 +292,14 @@ class Trainer:
             return round(loss.item(), 5)
 
         def describe(history: list[Any]) -> dict[str, Any]:
-            return {"loss": round(_recent(history), 5), "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            return {"loss": round(recent_mean(history), 5), "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
 
         run = self._run_stage("1", data, model, optimizer, scheduler, generator, epochs=c.epochs_stage1,
                               batch_seed=c.seed, desc="stage 1 next-key", step=step, describe=describe)
         choice = self.tune(model, data)
         losses = run.history
         stage_info = {"seconds": run.seconds, "steps": run.steps, "epochs": c.epochs_stage1,
-                      "loss_first": _mean(losses[:per_epoch]), "loss_last": _mean(losses[-per_epoch:]),
+                      "loss_first": mean(losses[:per_epoch]), "loss_last": mean(losses[-per_epoch:]),
                       "top_k": choice.top_k, "validation": choice.at_k}
         self.summary["stages"]["1"] = stage_info
         self.save("1", model, data, choice, init=init, training={"stage1": stage_info},
@@ -380,7 +334,7 @@ class Trainer:
 
         def describe(history: list[Any]) -> dict[str, Any]:
             recent = history[-50:]
-            return {"greedy_reward": _mean([r[0] for r in recent]), "kl": _mean([r[2] for r in recent])}
+            return {"greedy_reward": mean([r[0] for r in recent]), "kl": mean([r[2] for r in recent])}
 
         run = self._run_stage("2", data, policy, optimizer, scheduler, generator, epochs=c.epochs_stage2,
                               batch_seed=c.seed + 7, desc=f"stage 2 {c.rl} top-{k}", step=step, describe=describe)
@@ -390,9 +344,9 @@ class Trainer:
         first, last = run.history[:per_epoch], run.history[-per_epoch:]
         stage_info = {
             "seconds": run.seconds, "steps": run.steps, "epochs": c.epochs_stage2, "algorithm": c.rl,
-            "reward_top_k": k, "greedy_reward_first": _mean([r[0] for r in first]),
-            "greedy_reward_last": _mean([r[0] for r in last]), "sampled_reward_last": _mean([r[1] for r in last]),
-            "kl_last": _mean([r[2] for r in last]), "entropy_last": _mean([r[3] for r in last]),
+            "reward_top_k": k, "greedy_reward_first": mean([r[0] for r in first]),
+            "greedy_reward_last": mean([r[0] for r in last]), "sampled_reward_last": mean([r[1] for r in last]),
+            "kl_last": mean([r[2] for r in last]), "entropy_last": mean([r[3] for r in last]),
             "top_k": choice.top_k, "validation": choice.at_k,
         }
         self.summary["stages"]["2"] = stage_info
@@ -414,7 +368,7 @@ class Trainer:
         state = self._restore(stage, model, optimizer, scheduler, generator)
         done, history = state["step"], state["losses"]
         began = time.perf_counter() - state["seconds"]
-        bar = _progress(total, done, desc)
+        bar = progress_bar(total, done, desc)
         keys_seen, window_began = 0, time.perf_counter()
         try:
             while done < total:
@@ -502,7 +456,7 @@ class Trainer:
 
     def _restore(self, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  generator: torch.Generator) -> dict[str, Any]:
-        saved = self.store.load(stage)
+        saved = self.store.load(f"stage{stage}")
         if saved is None:
             return {"step": 0, "seconds": 0.0, "losses": []}
         if saved.get("run_id") != self.run_id:
@@ -516,7 +470,7 @@ class Trainer:
 
     def _checkpoint(self, stage: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator, losses: list[Any], seconds: float) -> None:
-        self.store.save(stage, {
+        self.store.save(f"stage{stage}", {
             "run_id": self.run_id, "step": step, "seconds": seconds, "losses": losses,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
@@ -532,15 +486,6 @@ class Trainer:
         except ArtifactError:
             return False
         return config.get("run_id") == self.run_id and config.get("stage") == stage
-
-
-def _recent(values: Sequence[float], n: int = 50) -> float:
-    tail = values[-n:]
-    return sum(tail) / len(tail) if tail else float("nan")
-
-
-def _mean(values: Sequence[float]) -> float:
-    return round(sum(values) / len(values), 5) if values else float("nan")
 
 
 # --- command --------------------------------------------------------------------------------------
@@ -670,13 +615,8 @@ def fit(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if args.threads is not None and args.threads < 1:
         raise FitError("--threads must be at least 1")
     config = config_from(args, settings)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _fit(args, settings, stages, config)
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
 
 
 def _fit(args: argparse.Namespace, settings: Settings, stages: list[str], config: FitConfig) -> dict[str, Any]:
