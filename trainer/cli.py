@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 COMMANDS: dict[str, str] = {
     "evaluate": "trainer.evaluate",
+    "fit": "trainer.fit_logllm",
     "fit-logllama": "trainer.fit_logllama",
 }
 

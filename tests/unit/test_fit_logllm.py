@@ -1,0 +1,120 @@
+"""`logstream-train fit` without models: stage choice, schedules, data order, oversampled stream, probe set."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from logstream.records import LogLine, Window
+from trainer.data import LabeledWindow
+from trainer.fit_logllm import (
+    STAGES,
+    FitConfig,
+    FitError,
+    Plan,
+    epoch_order,
+    parse_stages,
+    probe_set,
+    training_stream,
+)
+
+
+def windows(anomalous: int, normal: int) -> list[LabeledWindow]:
+    """Distinct one-line windows: the first `anomalous` labelled anomalous."""
+    result = []
+    for i in range(anomalous + normal):
+        line = LogLine("t", 0, i, raw=f"m{i}", template=f"m{i}", event_time=float(i))
+        result.append(LabeledWindow(Window("count", "t/0", "t", 0, [line], "size"), i < anomalous))
+    return result
+
+
+def config(**overrides: object) -> FitConfig:
+    base: dict[str, object] = {
+        "dataset": "bgl", "logs": "x", "labels": None, "seed": 7, "train_fraction": 0.8, "max_windows": None,
+        "window": {}, "embedder": None, "llm": None, "max_messages": 128, "load_in_4bit": False,
+        "gradient_checkpointing": False, "beta": 0.3, "micro_batch": 4, "grad_accum": 4,
+        "lr": {"1": 5e-4, "2-1": 5e-4, "2-2": 5e-5, "3": 5e-5}, "epochs": {"2-1": 1, "2-2": 1, "3": 2},
+        "stage1_samples": 1000, "lr_gamma": 0.7, "lr_decay_every": None, "probe_windows": 16,
+    }
+    base.update(overrides)
+    return FitConfig(**base)  # type: ignore[arg-type]
+
+
+def test_stages_are_named_as_in_the_paper_and_run_in_its_order() -> None:
+    assert parse_stages("1,2,3") == list(STAGES) == ["1", "2-1", "2-2", "3"]
+    assert parse_stages("3,1") == ["1", "3"]
+    assert parse_stages("2") == ["2-1", "2-2"]
+    assert parse_stages(" 2-2 ") == ["2-2"]
+    for bad in ("4", "", "1,x"):
+        with pytest.raises(FitError):
+            parse_stages(bad)
+
+
+@pytest.mark.parametrize(("anomalous", "normal"), [(3, 97), (1, 40), (90, 10), (30, 70), (45, 55)])
+def test_the_training_stream_holds_the_minority_class_at_beta(anomalous: int, normal: int) -> None:
+    """Anomalous or normal, the minority is repeated to >= 30 % of the stream, and not one copy more."""
+    train = windows(anomalous, normal)
+    stream = training_stream(train, beta=0.3, seed=1)
+    counts = Counter(item.label for item in stream)
+    minority_label = anomalous <= normal
+    minority, majority = counts[minority_label], counts[not minority_label]
+    assert majority == max(anomalous, normal)  # the majority is never repeated
+    assert minority / len(stream) >= 0.3
+    if minority > min(anomalous, normal):  # oversampled: the smallest count that reaches beta
+        assert (minority - 1) / (len(stream) - 1) < 0.3
+    assert {id(item.window) for item in stream} == {id(item.window) for item in train}  # nothing dropped
+
+
+def test_a_train_split_with_one_class_is_refused_with_a_reason() -> None:
+    with pytest.raises(FitError, match="no anomalous window"):
+        training_stream(windows(0, 20), beta=0.3, seed=1)
+    with pytest.raises(FitError, match="no normal window"):
+        training_stream(windows(5, 0), beta=0.3, seed=1)
+
+
+def test_each_epoch_visits_every_sample_once_in_an_order_fixed_by_seed_stage_and_epoch() -> None:
+    stream_size = 37
+    plan = Plan.make("3", config(micro_batch=3, grad_accum=2), stream_size)
+    assert (plan.micro_per_epoch, plan.steps_per_epoch, plan.total_steps) == (13, 7, 14)
+    for epoch in range(plan.epochs):
+        seen = [i for step in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+                for batch in plan.micro_batches(step, stream_size, 7, 3, 2) for i in batch]
+        assert sorted(seen) == list(range(stream_size))
+        assert seen == epoch_order(stream_size, 7, "3", epoch)  # a resumed run recomputes the same order
+    assert epoch_order(stream_size, 7, "3", 0) != epoch_order(stream_size, 7, "3", 1)
+    assert epoch_order(stream_size, 7, "3", 0) != epoch_order(stream_size, 7, "2-1", 0)
+    assert [len(b) for b in plan.micro_batches(6, stream_size, 7, 3, 2)] == [1]  # the epoch's short tail
+
+
+def test_stage_one_takes_at_most_its_sample_budget_and_one_epoch() -> None:
+    plan = Plan.make("1", config(stage1_samples=1000, epochs={"2-1": 1, "2-2": 1, "3": 5}), 5000)
+    assert (plan.samples, plan.epochs, plan.micro_per_epoch, plan.total_steps) == (1000, 1, 250, 63)
+    small = Plan.make("1", config(), 90)
+    assert small.samples == 90  # never more than one pass over the stream (as the reference code)
+
+
+def test_the_learning_rate_decays_ten_times_per_stage_by_default() -> None:
+    plan = Plan.make("2-1", config(), 1000)  # 250 micro-batches, 63 optimizer steps
+    assert plan.total_steps == 63 and plan.decay_every == 6
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=5e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=plan.decay_every, gamma=0.7)
+    for _ in range(plan.total_steps):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(5e-4 * 0.7 ** (63 // 6))
+    assert Plan.make("2-1", config(lr_decay_every=5), 1000).decay_every == 5
+    assert Plan.make("2-1", config(), 8).decay_every == 1  # tiny runs decay every step
+
+
+def test_probe_windows_are_distinct_fixed_and_hold_both_classes() -> None:
+    train = windows(6, 60)
+    probe = probe_set(train, 16, beta=0.3, seed=3)
+    assert len(probe) == 16 and len({id(w) for w in probe}) == 16
+    assert sum(w.label for w in probe) == math.floor(16 * 0.3 + 0.5)
+    assert [w.window.window_id for w in probe] == [w.window.window_id for w in probe_set(train, 16, 0.3, 3)]
+    assert probe_set(train, 0, 0.3, 3) == []
+    assert len(probe_set(windows(1, 2), 16, 0.3, 3)) == 3

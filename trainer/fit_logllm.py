@@ -1,0 +1,632 @@
+"""`logstream-train fit`: LogLLM's three-stage fine-tuning, from a log dump to the artifact the consumer serves.
+
+The stages (../shared/papers/NOTES.md; what each one updates is `logstream.model.TRAINABLE_BY_STAGE`):
+
+  1    LLM LoRA only, lr 5e-4, on at most `--stage1-samples` (1,000) samples of the training stream.
+       The LLM learns to answer in the template ("The sequence is normal." / "... anomalous.") and
+       the class prior. As in the authors' reference code the prompt already holds the window's
+       projected message vectors, made by the frozen, seeded-random projector: they carry little
+       yet, but the LLM learns to read a prompt of the served shape (vectors where the messages go)
+       and to answer with one of the two sentences. Text-only prompts would teach it on inputs it
+       never sees afterwards.
+  2-1  projector only, lr 5e-4, 1 epoch: message vectors move to where the tuned LLM reads them.
+  2-2  projector + BERT LoRA, lr 5e-5, 1 epoch.
+  3    everything, lr 5e-5, `--epochs-stage3` (2) epochs (BGL is known to need more).
+
+Every stage: AdamW (weight decay 0.01); micro-batches of `--micro-batch` (4) windows with gradients
+accumulated over `--grad-accum` (4) of them per optimizer step; the learning rate multiplied by γ =
+`--lr-gamma` (0.7) every `--lr-decay-every` optimizer steps (default: a tenth of the stage's steps,
+ten decays per stage, as the reference code does); loss = cross-entropy over the answer tokens only
+(`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is not learning).
+
+Training stream: the train split with its minority class (anomalous, or normal as in Liberty)
+repeated until it is β = `--beta` (0.3) of the samples (`trainer.data.oversample`). Epoch e of a
+stage visits the stream in an order that is a function of (seed, stage, e) only; stage 1 takes the
+first samples of its order. So the optimizer step number is the data position, and a resumed run
+sees the same batches in the same order.
+
+Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
+in eval mode, before and after it (`probe_before`, `probe_after` in the summary), besides the mean
+training loss of its first and last quarter of micro-batches.
+
+On CUDA the LLM is loaded in 4-bit NF4 with bf16 compute (QLoRA; `--no-load-in-4bit` for bf16
+weights) and gradient checkpointing is on; on CPU everything is float32 LoRA.
+
+Files in `--output DIR`: the artifact (`logllm.json`, `projector.safetensors`, `embedder_lora/`,
+`llm_lora/`), replaced after every finished stage (logllm.json last, so a reader never takes half
+an artifact for a whole one); `checkpoints/` (run.json with the settings, `stage-<s>.pt` per stage:
+trainable weights, optimizer, scheduler, RNG, step, losses); `report/` (test-split evaluation beside
+the baselines); `fit-summary.json` (also the last stdout line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+from logstream.basemodels import BaseModelError
+from logstream.logs import configure_logging, get_logger
+from logstream.model import (
+    ARTIFACT_CONFIG,
+    EMBEDDER_ADAPTER,
+    LLM_ADAPTER,
+    PROJECTOR_FILE,
+    TRAINABLE_BY_STAGE,
+    ArtifactError,
+    LogLLM,
+    pick_device,
+)
+from logstream.settings import Settings
+from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, oversample, summarize
+from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
+
+log = get_logger(__name__)
+
+STAGES = ("1", "2-1", "2-2", "3")  # the paper's order; a stage starts from the latest one done before it
+CHECKPOINTS = "checkpoints"
+SUMMARY_FILE = "fit-summary.json"
+_STAGING = ".artifact-staging"
+SETTINGS_FLAGS = ("window_size", "window_stride", "session_gap", "session_grace", "session_max_lines",
+                  "session_max_open", "device", "embedder", "llm", "cache_dir", "load_in_4bit", "max_messages",
+                  "batch_size", "log_level")
+DEFAULT_LR = {"1": 5e-4, "2-1": 5e-4, "2-2": 5e-5, "3": 5e-5}
+DEFAULT_EPOCHS = {"2-1": 1, "2-2": 1, "3": 2}
+
+
+class FitError(RunError):
+    """A LogLLM training run cannot start or continue as asked; the message says why (exit 2)."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides what a run computes: kept in run.json, compared on --resume."""
+
+    dataset: str
+    logs: str
+    labels: str | None
+    seed: int
+    train_fraction: float
+    max_windows: int | None
+    window: dict[str, Any]
+    embedder: str | None
+    llm: str | None
+    max_messages: int
+    load_in_4bit: bool
+    gradient_checkpointing: bool
+    beta: float
+    micro_batch: int
+    grad_accum: int
+    lr: dict[str, float]
+    epochs: dict[str, int]
+    stage1_samples: int
+    lr_gamma: float
+    lr_decay_every: int | None
+    probe_windows: int
+
+
+# --- the training stream --------------------------------------------------------------------------
+
+
+def training_stream(train: Sequence[LabeledWindow], beta: float, seed: int) -> list[LabeledWindow]:
+    """The train windows with the minority class oversampled to `beta`; both classes are required."""
+    counts = summarize(train)
+    if counts["anomalous"] == 0 or counts["normal"] == 0:
+        missing = "anomalous" if counts["anomalous"] == 0 else "normal"
+        raise FitError(f"the train split has no {missing} window ({counts['windows']} windows): LogLLM is a "
+                       "classifier and needs both classes (raise --max-windows, use more data, or train the "
+                       "unsupervised detector with fit-logllama)")
+    return oversample(train, beta=beta, seed=seed)
+
+
+def epoch_order(size: int, seed: int, stage: str, epoch: int) -> list[int]:
+    """Stream positions in the order stage `stage` visits them in epoch `epoch`: a function of its arguments only."""
+    order = list(range(size))
+    random.Random(f"{seed}/{stage}/{epoch}").shuffle(order)
+    return order
+
+
+def probe_set(train: Sequence[LabeledWindow], size: int, beta: float, seed: int) -> list[LabeledWindow]:
+    """A fixed set of distinct training windows (about `beta` of them anomalous) to measure each stage's loss on."""
+    if size <= 0:
+        return []
+    rng = random.Random(f"{seed}/probe")
+    anomalous = [w for w in train if w.label]
+    normal = [w for w in train if not w.label]
+    take_anomalous = min(len(anomalous), max(1, round(size * beta)))
+    take_normal = min(len(normal), size - take_anomalous)
+    return rng.sample(anomalous, take_anomalous) + rng.sample(normal, take_normal)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One stage's schedule: samples per epoch, micro-batches, optimizer steps, LR decay interval."""
+
+    stage: str
+    samples: int
+    epochs: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    decay_every: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @classmethod
+    def make(cls, stage: str, config: FitConfig, stream_size: int) -> Plan:
+        samples = min(config.stage1_samples, stream_size) if stage == "1" else stream_size
+        epochs = 1 if stage == "1" else config.epochs[stage]
+        micro = math.ceil(samples / config.micro_batch)
+        steps = math.ceil(micro / config.grad_accum)
+        decay = config.lr_decay_every or max(1, (steps * epochs) // 10)
+        return cls(stage, samples, epochs, micro, steps, decay)
+
+    def micro_batches(self, step: int, stream_size: int, seed: int, micro_batch: int,
+                      grad_accum: int) -> list[list[int]]:
+        """Stream positions of each micro-batch of optimizer step `step` (0-based, counted over all epochs)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(stream_size, seed, self.stage, epoch)[: self.samples]
+        first = within * grad_accum
+        last = min(first + grad_accum, self.micro_per_epoch)
+        return [order[m * micro_batch : (m + 1) * micro_batch] for m in range(first, last)]
+
+
+# --- weights, RNG and the artifact ----------------------------------------------------------------
+
+
+def trainable_state(model: LogLLM) -> dict[str, torch.Tensor]:
+    """Everything any stage trains (projector and both LoRA adapters), whatever is trainable right now."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()
+            if name.startswith("projector.") or "lora_" in name}
+
+
+def load_trainable_state(model: LogLLM, state: dict[str, torch.Tensor]) -> None:
+    expected = set(trainable_state(model))
+    if set(state) != expected:
+        raise FitError("checkpoint weights do not fit this model (different base models or LoRA shapes): "
+                       f"{len(expected ^ set(state))} tensors differ by name")
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, value in state.items():
+            parameters[name].copy_(value.to(parameters[name].device, parameters[name].dtype))
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def publish_artifact(model: LogLLM, output: Path) -> None:
+    """Write the servable artifact into `output` beside checkpoints/ and report/, which stay.
+
+    `LogLLM.save_pretrained` swaps a whole directory, so it writes a staging directory inside
+    `output`; its entries replace the old ones with logllm.json removed first and put back last: a
+    reader sees the old artifact, an incomplete one (refused), or the new one, never a mix.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    staging = output / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    (output / ARTIFACT_CONFIG).unlink(missing_ok=True)
+    for name in (PROJECTOR_FILE, EMBEDDER_ADAPTER, LLM_ADAPTER):
+        target = output / name
+        if target.is_dir():
+            old = output / f".{name}.{os.getpid()}.old"
+            target.rename(old)
+            shutil.rmtree(old)
+        (staging / name).replace(target)
+    (staging / ARTIFACT_CONFIG).replace(output / ARTIFACT_CONFIG)
+    shutil.rmtree(staging)
+
+
+# --- one run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """The split, the oversampled training stream and the probe windows."""
+
+    split: Split
+    stream: list[LabeledWindow]
+    probe: list[LabeledWindow]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """One `fit` run: data, the stages asked for (done ones skipped, an interrupted one resumed), the artifact."""
+
+    def __init__(self, config: FitConfig, output: Path, settings: Settings, *, checkpoint_every: int,
+                 resume: bool) -> None:
+        self.config = config
+        self.output = output
+        self.settings = settings
+        self.checkpoint_every = checkpoint_every
+        self.store = RunStore(output / CHECKPOINTS, FitError)
+        self.run_id = self.store.begin(asdict(config), resume=resume)
+        self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
+        self.model: LogLLM | None = None
+        self.weights_of: str | None = None  # the done stage whose weights the model holds (None: fresh)
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def prepare(self) -> Prepared:
+        c = self.config
+        split = load_split(c.dataset, Path(c.logs), Path(c.labels) if c.labels else None, seed=c.seed,
+                           train_fraction=c.train_fraction, max_windows=c.max_windows, **c.window)
+        stream = training_stream(split.train, c.beta, c.seed)
+        probe = probe_set(split.train, c.probe_windows, c.beta, c.seed)
+        minority = min(sum(1 for w in stream if w.label), sum(1 for w in stream if not w.label))
+        stats = {
+            "train": summarize(split.train), "test": summarize(split.test), "stream": len(stream),
+            "stream_anomalous": sum(1 for w in stream if w.label), "minority_share": round(minority / len(stream), 4),
+            "stage1_samples": min(c.stage1_samples, len(stream)), "probe_windows": len(probe),
+            "test_windows_in_train": split.stats.get("overlap", {}).get("test_windows_in_train"),
+        }
+        log.info("logllm_fit_data", **stats)
+        self.summary["data"] = stats
+        return Prepared(split, stream, probe, stats)
+
+    # --- the model --------------------------------------------------------------------------------
+
+    def build_model(self) -> LogLLM:
+        """Base models, a seeded projector and fresh adapters (the same in every process of this run)."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        model = LogLLM.build(embedder=c.embedder, llm=c.llm, cache_dir=self.settings.cache_dir,
+                             device=self.settings.device, load_in_4bit=c.load_in_4bit,
+                             max_messages=c.max_messages, seed=c.seed)
+        model.attach_lora()
+        if c.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        trainable = sum(p.numel() for _, p in trainable_state(model).items())
+        log.info("logllm_fit_model", device=str(model.device), load_in_4bit=c.load_in_4bit,
+                 gradient_checkpointing=c.gradient_checkpointing, trainable_parameters=trainable)
+        return model
+
+    def done_stages(self) -> dict[str, dict[str, Any]]:
+        """Finished stages of this run, by name, from their checkpoints."""
+        done = {}
+        for stage in STAGES:
+            saved = self.store.load(f"stage-{stage}")
+            if saved is not None and saved.get("run_id") == self.run_id and saved.get("done"):
+                done[stage] = saved
+        return done
+
+    def start_weights(self, stage: str, done: dict[str, dict[str, Any]]) -> str | None:
+        """Put the weights a stage starts from into the model: the latest stage done before it, else fresh."""
+        assert self.model is not None
+        before = [s for s in STAGES[: STAGES.index(stage)] if s in done]
+        source = before[-1] if before else None
+        if source != self.weights_of:
+            if source is None:
+                self.model = self.build_model()  # fresh adapters (only after another stage's weights were loaded)
+            else:
+                load_trainable_state(self.model, done[source]["weights"])
+            self.weights_of = source
+        return source
+
+    # --- stages -----------------------------------------------------------------------------------
+
+    def run(self, stages: Sequence[str], data: Prepared) -> None:
+        done = self.done_stages()
+        for stage in stages:
+            later = [s for s in STAGES[STAGES.index(stage) + 1 :] if s in done]
+            if stage in done:
+                log.info("stage_already_done", stage=stage)
+                self.summary["stages"][stage] = done[stage]["info"]
+                continue
+            if later:
+                raise FitError(f"stage {stage} cannot run after stage {later[0]} of this run is done "
+                               f"(it would overwrite later training); use another --output")
+            if self.model is None:
+                self.model = self.build_model()
+            self.stage(stage, data, done)
+            done = self.done_stages()
+
+    def stage(self, stage: str, data: Prepared, done: dict[str, dict[str, Any]]) -> None:
+        """Train one stage from its checkpoint (or its start), then publish the artifact and mark it done."""
+        c = self.config
+        plan = Plan.make(stage, c, len(data.stream))
+        saved = self.store.load(f"stage-{stage}")
+        if saved is not None and saved.get("run_id") != self.run_id:
+            raise FitError(f"checkpoint {self.store.path(f'stage-{stage}')} belongs to another run")
+        source = self.start_weights(stage, done) if saved is None else None
+        model = self.model
+        assert model is not None
+        model.set_trainable(**TRAINABLE_BY_STAGE[stage])
+        parameters = [p for _, p in model.trainable_parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=c.lr[stage], weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=plan.decay_every, gamma=c.lr_gamma)
+        if saved is None:
+            torch.manual_seed(c.seed * 1_000_003 + STAGES.index(stage))  # dropout noise: same with or without --resume
+            previous = done[source]["info"].get("probe_after") if source is not None else None
+            state: dict[str, Any] = {"step": 0, "seconds": 0.0, "losses": [],
+                                     "probe_before": previous if previous is not None else self.probe(data)}
+            log.info("stage_started", stage=stage, starts_from=source or "fresh weights", steps=plan.total_steps,
+                     samples_per_epoch=plan.samples, epochs=plan.epochs, lr=c.lr[stage])
+        else:
+            load_trainable_state(model, saved["weights"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+            state = {key: saved[key] for key in ("step", "seconds", "losses", "probe_before")}
+            self.weights_of = None  # mid-stage weights belong to no done stage
+            log.info("checkpoint_restored", stage=stage, step=state["step"], total=plan.total_steps)
+        self.train_steps(plan, data, optimizer, scheduler, state)
+        probe_after = self.probe(data)
+        losses = state["losses"]
+        quarter = max(1, len(losses) // 4)
+        info = {
+            "seconds": round(state["seconds"], 1), "steps": plan.total_steps, "epochs": plan.epochs,
+            "samples_per_epoch": plan.samples, "micro_batches": len(losses), "lr": c.lr[stage],
+            "lr_decay_every": plan.decay_every, "loss_first": mean(losses[:quarter]),
+            "loss_last": mean(losses[-quarter:]), "probe_before": state["probe_before"], "probe_after": probe_after,
+        }
+        publish_artifact(model, self.output)
+        self.store.save(f"stage-{stage}", {**self._payload(stage, state, optimizer, scheduler), "done": True,
+                                           "info": info})
+        self.weights_of = stage
+        self.summary["stages"][stage] = info
+        log.info("stage_done", stage=stage, **info)
+
+    def train_steps(self, plan: Plan, data: Prepared, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: dict[str, Any]) -> None:
+        """Optimizer steps from `state['step']` to the end of the plan; checkpoints every N steps and at the end."""
+        c = self.config
+        model = self.model
+        assert model is not None
+        self._train_mode(plan.stage)
+        began = time.perf_counter() - state["seconds"]
+        bar = progress_bar(plan.total_steps, state["step"], f"stage {plan.stage}")
+        windows_seen, window_began = 0, time.perf_counter()
+        try:
+            while state["step"] < plan.total_steps:
+                step = state["step"]
+                micro_batches = plan.micro_batches(step, len(data.stream), c.seed, c.micro_batch, c.grad_accum)
+                in_step = sum(len(m) for m in micro_batches)
+                for positions in micro_batches:
+                    batch = [data.stream[i] for i in positions]
+                    loss = model.loss([w.window.templates for w in batch], [w.label for w in batch])
+                    (loss * (len(batch) / in_step)).backward()
+                    state["losses"].append(round(loss.item(), 5))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] = step + 1
+                state["seconds"] = time.perf_counter() - began
+                windows_seen += in_step
+                rate = windows_seen / max(1e-9, time.perf_counter() - window_began)
+                shown = {"loss": round(recent_mean(state["losses"], 4 * c.grad_accum), 4),
+                         "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+                bar.set_postfix(**shown, windows_s=f"{rate:.2f}", epoch=step // plan.steps_per_epoch + 1,
+                                refresh=False)
+                bar.update(1)
+                if state["step"] % self.checkpoint_every == 0 or state["step"] == plan.total_steps:
+                    self.store.save(f"stage-{plan.stage}", self._payload(plan.stage, state, optimizer, scheduler))
+                    log.info("stage_progress", stage=plan.stage, step=state["step"], total=plan.total_steps,
+                             epoch=step // plan.steps_per_epoch + 1, **shown, windows_per_s=round(rate, 3),
+                             seconds=round(state["seconds"], 1))
+        finally:
+            bar.close()
+        model.eval()
+
+    def _train_mode(self, stage: str) -> None:
+        """Dropout where something learns; frozen parts in eval mode (deterministic features)."""
+        model = self.model
+        assert model is not None
+        opens = TRAINABLE_BY_STAGE[stage]
+        model.train()
+        if not opens["embedder_lora"]:
+            model.embedder.eval()
+        if not opens["llm_lora"]:
+            model.llm.eval()
+
+    def probe(self, data: Prepared) -> float | None:
+        """Mean answer-token loss on the fixed probe windows, in eval mode, no gradients."""
+        model = self.model
+        assert model is not None
+        if not data.probe:
+            return None
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(data.probe), self.config.micro_batch):
+                batch = data.probe[start : start + self.config.micro_batch]
+                total += model.loss([w.window.templates for w in batch], [w.label for w in batch]).item() * len(batch)
+        model.train(was_training)
+        return round(total / len(data.probe), 5)
+
+    def _payload(self, stage: str, state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                 scheduler: Any) -> dict[str, Any]:
+        assert self.model is not None
+        return {"run_id": self.run_id, "stage": stage, "done": False, "step": state["step"],
+                "seconds": state["seconds"], "losses": state["losses"], "probe_before": state["probe_before"],
+                "weights": trainable_state(self.model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+
+# --- command --------------------------------------------------------------------------------------
+
+
+def parse_stages(text: str) -> list[str]:
+    """`1,2,3` -> the four stages; `2` is 2-1 and 2-2; any subset, run in the paper's order."""
+    chosen: set[str] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if part == "2":
+            chosen |= {"2-1", "2-2"}
+        elif part in STAGES:
+            chosen.add(part)
+        elif part:
+            raise FitError(f"--stages {text!r}: unknown stage {part!r}; choose from 1, 2 (= 2-1,2-2), 2-1, 2-2, 3")
+    if not chosen:
+        raise FitError("--stages names no stage")
+    return [s for s in STAGES if s in chosen]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `fit` and its flags."""
+    from logstream.cli import add_settings_arguments
+
+    parser = subparsers.add_parser(
+        "fit", help="three-stage LogLLM fine-tuning on a log dump; writes the artifact `logstream run` serves",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap (see README). "
+               "On a shared CPU, --threads 1 is often fastest.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, choices=DATASETS)
+    data.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
+    data.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")
+    data.add_argument("--output", type=Path, required=True, help="artifact directory (also checkpoints/, report/)")
+    data.add_argument("--max-windows", type=int, default=None,
+                      help="at most N windows per split (seeded stratified sample, anomalies kept)")
+    data.add_argument("--seed", type=int, default=42,
+                      help="seed of the split, oversampling, projector and LoRA initialisation, data order")
+    data.add_argument("--train-fraction", type=float, default=0.8, help="share of the dump used for training")
+    data.add_argument("--beta", type=float, default=0.3, help="minority class share after oversampling")
+    train = parser.add_argument_group("training")
+    train.add_argument("--stages", default="1,2,3", help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated")
+    train.add_argument("--stage1-samples", type=int, default=1000, help="samples of the stream stage 1 learns from")
+    for stage, epochs in DEFAULT_EPOCHS.items():
+        train.add_argument(f"--epochs-stage{stage}", dest=f"epochs_stage{stage.replace('-', '_')}", type=int,
+                           default=epochs, help=f"epochs of stage {stage} (default %(default)s)")
+    for stage, lr in DEFAULT_LR.items():
+        train.add_argument(f"--lr-stage{stage}", dest=f"lr_stage{stage.replace('-', '_')}", type=float, default=lr,
+                           help=f"learning rate of stage {stage} (default %(default)s)")
+    train.add_argument("--micro-batch", type=int, default=4, help="windows per forward/backward pass")
+    train.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    train.add_argument("--lr-gamma", type=float, default=0.7, help="exponential learning-rate decay factor")
+    train.add_argument("--lr-decay-every", type=int, default=None,
+                       help="optimizer steps between decays (default: a tenth of each stage's steps)")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in backward (default: on with CUDA)")
+    train.add_argument("--probe-windows", type=int, default=16,
+                       help="fixed training windows whose loss is measured before and after each stage (0: none)")
+    train.add_argument("--checkpoint-every", type=int, default=10, help="optimizer steps between checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoints")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice; on a shared CPU 1 is often fastest)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--report", type=Path, default=None, help="evaluation report directory (default DIR/report)")
+    evaluation.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
+    add_settings_arguments(parser, only=SETTINGS_FLAGS)
+    parser.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
+    """The run's FitConfig from the flags; contradictions are FitErrors."""
+    from trainer.evaluate import session_options
+
+    for name in ("micro_batch", "grad_accum", "stage1_samples", "epochs_stage2_1", "epochs_stage2_2",
+                 "epochs_stage3", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise FitError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr_decay_every is not None and args.lr_decay_every < 1:
+        raise FitError("--lr-decay-every must be at least 1")
+    if not 0.0 < args.lr_gamma <= 1.0:
+        raise FitError("--lr-gamma must be in (0, 1]")
+    if args.probe_windows < 0:
+        raise FitError("--probe-windows must be 0 or more")
+    if args.dataset == "hdfs" and args.labels is None:
+        raise FitError("HDFS needs --labels (anomaly_label.csv): LogLLM learns from labelled windows")
+    device = pick_device(settings.device)
+    load_in_4bit = settings.load_in_4bit if "load_in_4bit" in settings.model_fields_set else device.type == "cuda"
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    lrs = {stage: getattr(args, f"lr_stage{stage.replace('-', '_')}") for stage in STAGES}
+    if any(lr <= 0 for lr in lrs.values()):
+        raise FitError("learning rates must be positive")
+    window = (session_options(settings) if args.dataset == "hdfs" else
+              {"window_size": settings.window_size, "window_stride": settings.window_stride})
+    return FitConfig(
+        dataset=args.dataset, logs=str(Path(args.logs).resolve()),
+        labels=str(Path(args.labels).resolve()) if args.labels else None, seed=args.seed,
+        train_fraction=args.train_fraction, max_windows=args.max_windows, window=window,
+        embedder=str(settings.embedder) if settings.embedder else None, llm=str(settings.llm) if settings.llm else None,
+        max_messages=settings.max_messages, load_in_4bit=load_in_4bit, gradient_checkpointing=checkpointing,
+        beta=args.beta, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=lrs,
+        epochs={"2-1": args.epochs_stage2_1, "2-2": args.epochs_stage2_2, "3": args.epochs_stage3},
+        stage1_samples=args.stage1_samples, lr_gamma=args.lr_gamma, lr_decay_every=args.lr_decay_every,
+        probe_windows=args.probe_windows,
+    )
+
+
+def fit(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Run the stages asked for (skipping those already done in a resumed run), then evaluate."""
+    stages = parse_stages(args.stages)
+    config = config_from(args, settings)
+    with torch_threads(args.threads):
+        trainer = Trainer(config, args.output, settings, checkpoint_every=args.checkpoint_every, resume=args.resume)
+        data = trainer.prepare()
+        started = time.perf_counter()
+        trainer.run(stages, data)
+        trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
+        trainer.model = None  # free it: the evaluation loads the artifact as the consumer does
+        trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
+    args.output.mkdir(parents=True, exist_ok=True)
+    tmp = args.output / (SUMMARY_FILE + ".tmp")
+    tmp.write_bytes(orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
+    tmp.replace(args.output / SUMMARY_FILE)
+    return trainer.summary
+
+
+def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
+                 data: Prepared) -> dict[str, Any] | None:
+    """The test split scored by the artifact as `logstream run` loads it, beside the two baselines."""
+    from logstream.detectors.logllm import LogLLMDetector
+    from trainer.evaluate import evaluate
+
+    if args.no_evaluate or not any(w.label for w in data.split.test):
+        log.info("evaluation_skipped",
+                 reason="--no-evaluate" if args.no_evaluate else "no anomalous window in the test split")
+        return None
+    if not (args.output / ARTIFACT_CONFIG).is_file():
+        log.info("evaluation_skipped", reason="no stage has finished: no artifact")
+        return None
+    serving = settings.model_copy(update={"detector": "logllm", "model": args.output, "load_in_4bit": False})
+    detector = LogLLMDetector.from_settings(serving)
+    try:
+        return evaluate(data.split, args.report or args.output / "report", detector=detector, model=str(args.output),
+                        batch_size=settings.batch_size, seed=trainer.config.seed,
+                        context={"argv": sys.argv[1:], "fit": trainer.summary["stages"]})
+    finally:
+        detector.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from logstream.detectors.base import DetectorNotReady
+    from trainer.cli import command_settings
+
+    started = time.perf_counter()
+    settings = command_settings(args, SETTINGS_FLAGS, "fit")
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        summary = fit(args, settings)
+    except (RunError, ArtifactError, BaseModelError, DetectorNotReady, ValueError, OSError) as exc:
+        print(f"logstream-train fit: {exc}", file=sys.stderr)
+        return 2
+    summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    print(orjson.dumps(summary).decode(), flush=True)
+    return 0
