@@ -1,0 +1,177 @@
+"""`logstream-train fit` end to end on the embedded models: every stage, falling losses, kill + resume, serving.
+
+A tiny run of the real recipe on the shipped BGL sample (10-line windows, 10 train windows
+oversampled, micro-batches of 2 with 2 accumulated, one thread), run as a user runs it: the
+command in a subprocess, its summary on the last stdout line and its JSON logs on stderr.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from logstream.model import ARTIFACT_CONFIG
+from tests.kafkatools import (
+    SAMPLES,
+    create_topic,
+    make_settings,
+    produce_lines,
+    read_alerts,
+    run_once,
+    unique,
+)
+from trainer.cli import build_parser, command_settings
+from trainer.fit_logllm import SETTINGS_FLAGS, FitError, fit
+
+REPO = Path(__file__).resolve().parents[2]
+BGL = SAMPLES / "BGL_2k.log"
+WINDOW = 10
+TINY = ["--dataset", "bgl", "--logs", str(BGL), "--window-size", str(WINDOW), "--max-windows", "10",
+        "--max-messages", str(WINDOW), "--micro-batch", "2", "--grad-accum", "2", "--probe-windows", "4",
+        "--checkpoint-every", "1", "--threads", "1", "--seed", "5"]
+STAGES = ("1", "2-1", "2-2", "3")
+
+
+def fit_command(output: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", "fit", *TINY, "--output", str(output), "--cache-dir", str(cache_dir),
+            *extra]
+
+
+def run_fit(output: Path, cache_dir: Path, *extra: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The command to completion: (its summary, its log events)."""
+    done = subprocess.run(fit_command(output, cache_dir, *extra), capture_output=True, text=True, timeout=600,
+                          cwd=REPO, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return orjson.loads(done.stdout.strip().splitlines()[-1]), events(done.stderr)
+
+
+def events(stderr: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def checkpoint(output: Path, stage: str) -> dict[str, Any]:
+    return torch.load(output / "checkpoints" / f"stage-{stage}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """All stages and the evaluation, uninterrupted."""
+    output = tmp_path_factory.mktemp("logllm-fit") / "model"
+    summary, _ = run_fit(output, model_cache_dir)
+    return output, summary
+
+
+def test_fit_runs_every_stage_and_writes_the_served_artifact(fitted: tuple[Path, dict[str, Any]]) -> None:
+    output, summary = fitted
+    config = orjson.loads((output / ARTIFACT_CONFIG).read_bytes())
+    assert config["kind"] == "logllm" and config["max_messages"] == WINDOW
+    for name in ("projector.safetensors", "embedder_lora/adapter_config.json", "embedder_lora/adapter_model.safetensors",
+                 "llm_lora/adapter_config.json", "llm_lora/adapter_model.safetensors", "fit-summary.json",
+                 "checkpoints/run.json", "report/report.json", "report/report.md"):
+        assert (output / name).is_file(), name
+    assert not list(output.glob(".*"))  # no staging or partial directory left behind
+    assert list(summary["stages"]) == list(STAGES)
+    assert all(checkpoint(output, stage)["done"] for stage in STAGES)
+    assert orjson.loads((output / "fit-summary.json").read_bytes())["run_id"] == summary["run_id"]
+    evaluation = summary["evaluation"]
+    assert evaluation["windows"] == summary["data"]["test"]["windows"] == 10
+    assert evaluation["tp"] + evaluation["fp"] + evaluation["fn"] + evaluation["tn"] == 10
+    assert set(evaluation["baselines"]) == {"novelty", "count_vector"}
+    for key in ("precision", "recall", "f1"):
+        assert 0.0 <= evaluation[key] <= 1.0
+
+
+def test_each_stage_lowers_the_loss_on_fixed_training_windows(fitted: tuple[Path, dict[str, Any]]) -> None:
+    stages = fitted[1]["stages"]
+    for stage in STAGES:
+        assert stages[stage]["probe_after"] < stages[stage]["probe_before"], (stage, stages[stage])
+    for before, after in itertools.pairwise(STAGES):  # each stage starts from the weights the last one ended with
+        assert stages[after]["probe_before"] == stages[before]["probe_after"]
+    assert stages["1"]["steps"] == 3 and stages["3"]["steps"] == 6 and stages["3"]["epochs"] == 2
+
+
+def test_the_training_stream_is_oversampled_to_beta(fitted: tuple[Path, dict[str, Any]]) -> None:
+    data = fitted[1]["data"]
+    assert data["train"]["windows"] == 10 and 0 < data["train"]["anomalous"] < 3
+    assert data["stream_anomalous"] > data["train"]["anomalous"]  # the anomalous minority was repeated
+    assert data["stream"] == data["train"]["normal"] + data["stream_anomalous"]
+    assert data["minority_share"] >= 0.3
+    assert (data["stream_anomalous"] - 1) / (data["stream"] - 1) < 0.3  # and not one copy more than needed
+
+
+def test_kill_in_stage_three_then_resume_continues_from_the_checkpoint(
+    fitted: tuple[Path, dict[str, Any]], tmp_path: Path, model_cache_dir: Path,
+) -> None:
+    """Stages 1-2 alone, stage 3 SIGKILLed after its first checkpoint, then --resume: the same model as one run."""
+    output = tmp_path / "model"
+    summary, _ = run_fit(output, model_cache_dir, "--stages", "1,2", "--no-evaluate")
+    assert list(summary["stages"]) == ["1", "2-1", "2-2"] and summary["evaluation"] is None
+    stage3 = output / "checkpoints" / "stage-3.pt"
+    process = subprocess.Popen(fit_command(output, model_cache_dir, "--stages", "3", "--resume", "--no-evaluate"),
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not stage3.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(30)
+    killed = checkpoint(output, "3")
+    assert not killed["done"] and 1 <= killed["step"] < 6, killed["step"]
+
+    summary, log = run_fit(output, model_cache_dir, "--resume", "--no-evaluate")
+    assert {e["stage"] for e in log if e["event"] == "stage_already_done"} == {"1", "2-1", "2-2"}
+    restored = [e for e in log if e["event"] == "checkpoint_restored"]
+    assert [(e["stage"], e["step"]) for e in restored] == [("3", killed["step"])]
+    progress = [e["step"] for e in log if e["event"] == "stage_progress"]
+    assert progress == list(range(killed["step"] + 1, 7))  # continued, not restarted
+    final = checkpoint(output, "3")
+    assert final["done"] and final["step"] == 6
+    assert final["losses"][: len(killed["losses"])] == killed["losses"]
+    # Same batches, same dropout noise, same optimizer state: the interrupted run ends where one run ends.
+    assert final["losses"] == checkpoint(fitted[0], "3")["losses"]
+    ours, reference = load_file(output / "projector.safetensors"), load_file(fitted[0] / "projector.safetensors")
+    assert all(torch.allclose(ours[k], reference[k], atol=1e-6) for k in reference)
+    assert summary["stages"]["3"]["probe_after"] == pytest.approx(fitted[1]["stages"]["3"]["probe_after"], abs=1e-4)
+
+
+def test_a_resume_with_other_settings_or_nothing_to_resume_is_refused(fitted: tuple[Path, dict[str, Any]],
+                                                                      tmp_path: Path, model_cache_dir: Path) -> None:
+    def fit_in_process(output: Path, *extra: str) -> None:
+        args = build_parser().parse_args(fit_command(output, model_cache_dir, *extra)[3:])
+        settings = command_settings(args, SETTINGS_FLAGS, "fit")
+        assert settings is not None
+        fit(args, settings)
+
+    with pytest.raises(FitError, match="epochs differ"):
+        fit_in_process(fitted[0], "--resume", "--epochs-stage3", "3")
+    with pytest.raises(FitError, match="nothing to resume"):
+        fit_in_process(tmp_path / "none", "--resume")
+    with pytest.raises(FitError, match="pass --resume"):
+        fit_in_process(fitted[0])
+
+
+def test_the_fitted_artifact_serves_through_logstream_run(bootstrap: str, fitted: tuple[Path, dict[str, Any]],
+                                                          model_cache_dir: Path) -> None:
+    topic = unique("logllm-fit")
+    create_topic(bootstrap, topic)
+    produce_lines(bootstrap, topic, BGL.read_bytes().splitlines()[:100])
+    settings = make_settings(bootstrap, topic, format="bgl", window="count", window_size=WINDOW, detector="logllm",
+                             model=fitted[0], cache_dir=model_cache_dir, max_messages=WINDOW, emit="all")
+    assert run_once(settings) == 0
+    alerts = read_alerts(bootstrap, f"{topic}.alerts")
+    assert len(alerts) == 10 and {a["detector"]["name"] for a in alerts} == {"logllm"}
+    assert sorted(a["source"]["first_offset"] for a in alerts) == list(range(0, 100, WINDOW))
+    assert all(0.0 <= a["verdict"]["score"] <= 100.0 for a in alerts)
