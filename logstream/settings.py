@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogFormat = Literal["hdfs", "bgl", "thunderbird", "liberty", "generic"]
 WindowKind = Literal["session", "count"]
@@ -41,7 +42,10 @@ class Settings(BaseSettings):
 
     # --- Kafka wiring -------------------------------------------------------------------------
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
-    input_topic: list[str] = Field(default_factory=list, description="raw log topic to consume (repeatable)")
+    input_topic: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="raw log topic to consume (repeatable; in the environment: comma-separated or a JSON list)",
+    )
     alerts_topic: str = Field("logstream.alerts", description="topic the alerts (verdicts) are published to")
     dlq_topic: str = Field("logstream.dlq", description="dead-letter topic for records that cannot be processed")
     group_id: str = Field("logstream", description="Kafka consumer group")
@@ -113,6 +117,17 @@ class Settings(BaseSettings):
     # --- Operations ---------------------------------------------------------------------------
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here")
     log_level: str = Field("INFO", description="structlog level: DEBUG, INFO, WARNING, ERROR")
+
+    @field_validator("input_topic", mode="before")
+    @classmethod
+    def _topics_from_text(cls, value: object) -> object:
+        """`LOGSTREAM_INPUT_TOPIC=logs.a,logs.b` or `'["logs.a"]'`, as operators write it."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [topic.strip() for topic in text.split(",") if topic.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -123,3 +123,11 @@ def test_record_time_stands_in_for_missing_line_time() -> None:
 def test_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown log format"):
         parser_for("syslog")
+
+
+def test_input_topics_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logstream.settings import Settings
+
+    for text, topics in [("logs.raw", ["logs.raw"]), ("a, b", ["a", "b"]), ('["x", "y"]', ["x", "y"])]:
+        monkeypatch.setenv("LOGSTREAM_INPUT_TOPIC", text)
+        assert Settings().input_topic == topics
