@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,15 @@ def broker_binary() -> Path:
     if not os.access(binary, os.X_OK):
         binary.chmod(0o755)
     return binary
+
+
+def _die_with_parent() -> None:
+    """Linux: the broker gets SIGTERM when the process (thread) that started it dies, even by SIGKILL,
+    so a killed test run or demo never leaves a broker behind. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -77,7 +87,8 @@ class EmbeddedBroker:
                    "--host", self.host, "--data-dir", str(self.data_dir)]
         with self._log_path.open("ab") as sink:
             self._process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
         log.info("broker_started", bootstrap_servers=self.bootstrap_servers, data_dir=str(self.data_dir))
         return self
