@@ -8,7 +8,7 @@ Not thread-safe: each cache is owned by the scoring thread.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -61,3 +61,22 @@ class CountingLRU(Generic[K, V]):
 
     def clear(self) -> None:
         self._data.clear()
+
+
+def split_cached(cache: CountingLRU[K, V], keys: Sequence[K]) -> tuple[dict[K, V], dict[K, int]]:
+    """Split a batch's keys into cached values and the distinct keys still to compute (key -> first index).
+
+    A key repeated inside the batch is computed once and counted as a hit: the work is avoided.
+    """
+    known: dict[K, V] = {}
+    todo: dict[K, int] = {}
+    for index, key in enumerate(keys):
+        if key in known or key in todo:
+            cache.count_hit()
+            continue
+        value = cache.get(key)
+        if value is None:
+            todo[key] = index
+        else:
+            known[key] = value
+    return known, todo

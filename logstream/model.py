@@ -316,7 +316,7 @@ class LogLLM(nn.Module):
     def set_trainable(self, *, projector: bool, embedder_lora: bool, llm_lora: bool) -> None:
         """Choose what the optimizer updates; base weights always stay frozen (see TRAINABLE_BY_STAGE)."""
         if not self.has_lora:
-            raise RuntimeError("attach_lora() (or load an artifact with trainable=True) first")
+            raise RuntimeError("no adapters: call attach_lora() on a built model (a loaded artifact has them)")
         for parameter in self.projector.parameters():
             parameter.requires_grad_(projector)
         for part, enabled in ((self.embedder, embedder_lora), (self.llm, llm_lora)):

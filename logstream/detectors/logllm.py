@@ -26,7 +26,7 @@ from torch import Tensor
 from logstream.basemodels import BaseModelError
 from logstream.detectors.base import DetectorNotReady
 from logstream.logs import get_logger
-from logstream.lru import CountingLRU
+from logstream.lru import CountingLRU, split_cached
 from logstream.model import PROMPT_VERSION, ArtifactError, LogLLM, artifact_fingerprint
 from logstream.records import Verdict, Window
 from logstream.settings import Settings
@@ -109,19 +109,9 @@ class LogLLMDetector:
         started = time.perf_counter()
         capped = [self.model.cap(window.templates) for window in windows]
         keys = [verdict_key(messages) for messages in capped]
-        known: dict[bytes, Verdict] = {}
-        todo: dict[bytes, list[str]] = {}
-        for key, messages in zip(keys, capped):
-            if key in known or key in todo:
-                self.verdicts.count_hit()  # the same window twice in one batch
-                continue
-            verdict = self.verdicts.get(key)
-            if verdict is None:
-                todo[key] = messages
-            else:
-                known[key] = verdict
+        known, todo = split_cached(self.verdicts, keys)
         if todo:
-            probabilities = self._judge(list(todo.values()))
+            probabilities = self._judge([capped[index] for index in todo.values()])
             for key, p in zip(todo, probabilities):
                 verdict = Verdict(anomalous=p > 0.5, score=round(100.0 * p, 3))
                 known[key] = verdict

@@ -10,7 +10,7 @@ import pytest
 
 from logstream.basemodels import SOURCE_MARKER, directory_hash, file_hash
 from logstream.detectors.base import DetectorNotReady
-from logstream.lru import CountingLRU
+from logstream.lru import CountingLRU, split_cached
 from logstream.settings import Settings
 
 
@@ -34,6 +34,14 @@ def test_lru_of_size_zero_keeps_nothing_but_counts() -> None:
     assert cache.get("a") is None and len(cache) == 0 and cache.stats() == (0, 1)
     with pytest.raises(ValueError):
         CountingLRU(-1)
+
+
+def test_split_cached_computes_each_new_key_once() -> None:
+    cache: CountingLRU[str, int] = CountingLRU(10)
+    cache.put("a", 1)
+    known, todo = split_cached(cache, ["a", "b", "a", "c", "b"])
+    assert known == {"a": 1} and todo == {"b": 1, "c": 3}
+    assert cache.stats() == (3, 2)  # "a" twice from the cache, the second "b" from this batch
 
 
 def test_verdict_key_depends_on_order_and_boundaries() -> None:
