@@ -190,9 +190,9 @@ def prepare_gguf(gguf: Path, cache_dir: Path) -> Path:
     with _locked(target.with_name(f".{target.name}.lock")):
         if (target / SOURCE_MARKER).is_file():  # another process finished while we waited
             return target
-        import torch  # noqa: PLC0415 - heavy, only when converting
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our start/end log lines say it; no bars in JSON logs
 

@@ -17,7 +17,15 @@ from logstream.metrics import Metrics
 from logstream.model import ARTIFACT_CONFIG, BaseModelMismatch, LogLLM
 from logstream.records import LogLine, Window
 from logstream.settings import Settings
-from tests.kafkatools import SAMPLES, create_topic, make_settings, produce_lines, read_alerts, run_once, unique
+from tests.kafkatools import (
+    SAMPLES,
+    create_topic,
+    make_settings,
+    produce_lines,
+    read_alerts,
+    run_once,
+    unique,
+)
 from tests.logllm_tools import bgl_windows, file_windows
 
 
@@ -50,6 +58,23 @@ def test_fast_path_verdicts_equal_the_reference_path(detector: LogLLMDetector) -
         [(round(v.score, 2), r.text) for v, r in zip(fast, reference)])
     assert {r.anomalous for r in reference} == {True, False}  # both classes occur: the check is not vacuous
     assert all((v.score > 50) == v.anomalous for v in fast)
+
+
+def test_training_forward_masks_all_but_the_answer_and_agrees_with_scoring(detector: LogLLMDetector) -> None:
+    model = detector.model
+    anomalous, normal = bgl_windows()
+    windows = [w.templates for w in (anomalous[0], normal[0])] + [["short <*>"] * 3]
+    labels = [True, False, True]
+    with torch.inference_mode():
+        projected = [model.project(model.encode_messages(w)) for w in windows]
+        batch = model.assemble(projected, [model.prompt.answer(x) for x in labels], labels)
+        scored, trained = model(windows).p_anomalous, model(windows, labels)
+    assert batch.labels is not None
+    for row, label in zip(batch.labels, labels):
+        answer = list(model.prompt.answer(label))  # "The sequence is ...." + EOS
+        assert row[row != -100].tolist() == answer and row[-len(answer):].tolist() == answer
+    assert trained.loss is not None and trained.loss.item() > 0
+    assert torch.allclose(trained.p_anomalous, scored, atol=1e-5)
 
 
 def test_a_window_of_repeated_messages_encodes_each_distinct_message_once(detector: LogLLMDetector) -> None:
