@@ -10,11 +10,12 @@
 
 Both run in this process, on the same weights and the same windows (BGL: 100-line count windows of
 the shared BGL training sample, in file order; HDFS: block sessions of the shared HDFS training
-sample, in closing order), after one untimed warm-up window each. The paths alternate batch by
-batch (the fast path's caches persist across its batches, as in a stream), so a machine shared
-with other work slows both alike and the ratio stays honest. Prints windows/s of both, the
-ratio, the cache hit rates, verdict agreement where the reference's text names a verdict, and the
-peak memory of each phase (RSS; CUDA allocator peak when on a GPU), then one JSON line.
+sample with the consumer's HDFS defaults, in closing order), after one untimed warm-up window
+each. The paths alternate batch by batch (the fast path's caches persist across its batches, as
+in a stream), so a machine shared with other work slows both alike and the ratio stays honest.
+Prints windows/s of both, the ratio, the cache hit rates, verdict agreement where the reference's
+text names a verdict, and the peak memory of each phase (RSS; CUDA allocator peak when on a GPU),
+then one JSON line.
 
 Without `--model` the weights are a freshly initialised artifact (seed 0): the speed of both paths
 does not depend on the weight values (the reference always decodes its 6 tokens then), but only a
@@ -57,7 +58,7 @@ def load_windows(path: Path, fmt: str, kind: str, limit: int | None) -> list[Win
     """The first `limit` windows of a file, through the consumer's own parsing and windowing."""
     if not path.is_file():
         raise SystemExit(f"benchmark data {path} not found (see ../shared/data/README.md)")
-    defaults = Settings()
+    defaults = Settings(format=fmt)  # the consumer's defaults for this format (HDFS: a one-day session gap)
     windower = make_windower(kind, path.name, 0, size=defaults.window_size, gap=defaults.effective_session_gap,
                              grace=defaults.session_grace, max_lines=defaults.session_max_lines)
     windows: list[Window] = []

@@ -16,8 +16,9 @@ The stages (../shared/papers/NOTES.md; what each one updates is `logstream.model
 Every stage: AdamW (weight decay 0.01); micro-batches of `--micro-batch` (4) windows with gradients
 accumulated over `--grad-accum` (4) of them per optimizer step; the learning rate multiplied by γ =
 `--lr-gamma` (0.7) every `--lr-decay-every` optimizer steps (default: a tenth of the stage's steps,
-ten decays per stage, as the reference code does); loss = cross-entropy over the answer tokens only
-(`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is not learning).
+rounded up, so at most ten decays per stage, as the reference code does); loss = cross-entropy over
+the answer tokens only (`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is
+not learning).
 
 Training stream: the train split with its minority class (anomalous, or normal as in Liberty)
 repeated until it is β = `--beta` (0.3) of the samples (`trainer.data.oversample`). Epoch e of a
@@ -170,7 +171,7 @@ class Plan:
         epochs = 1 if stage == "1" else config.epochs[stage]
         micro = math.ceil(samples / config.micro_batch)
         steps = math.ceil(micro / config.grad_accum)
-        decay = config.lr_decay_every or max(1, (steps * epochs) // 10)
+        decay = config.lr_decay_every or math.ceil(steps * epochs / 10)  # at most ten decays per stage
         return cls(stage, samples, epochs, micro, steps, decay)
 
     def micro_batches(self, step: int, stream_size: int, seed: int, micro_batch: int,
