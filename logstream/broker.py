@@ -95,7 +95,9 @@ class EmbeddedBroker:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "socket.connection.setup.timeout.ms": 2000})
+        # "connection refused" until the broker listens is the expected answer here, not news: log_level 0
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "socket.connection.setup.timeout.ms": 2000,
+                             "log_level": 0})
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
                 raise BrokerError(f"broker exited with {self._process.returncode}; see {self._log_path}")

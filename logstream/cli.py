@@ -222,7 +222,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from logstream.demo import run_demo
 
-    return run_demo(detector=args.detector, lines=args.lines, keep_broker=args.keep_broker)
+    return run_demo(detector=args.detector, model=args.model, lines=args.lines, keep_broker=args.keep_broker)
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -285,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_models_prepare)
 
     demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
-    demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm"])
+    demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm", "logllama"],
+                      help="novelty uses the shipped BGL model; the LLM detectors need --model")
+    demo.add_argument("--model", type=Path, default=None,
+                      help="a BGL artifact from `logstream-train fit` / `fit-logllama` (for logllm / logllama)")
     demo.add_argument("--lines", type=int, default=2000, help="lines of the sample to stream")
     demo.add_argument("--keep-broker", action="store_true", help="leave the broker running after the demo")
     demo.set_defaults(func=cmd_demo)

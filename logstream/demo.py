@@ -45,14 +45,18 @@ def _truth(lines: int) -> tuple[int, int]:
     return windows, anomalous
 
 
-def run_demo(detector: str = "novelty", lines: int = 2000, keep_broker: bool = False) -> int:
+def run_demo(detector: str = "novelty", model: Path | None = None, lines: int = 2000,
+             keep_broker: bool = False) -> int:
+    """The LLM detectors ship no trained weights (an artifact is specific to its base models and data):
+    they run here on one the user trained on BGL, e.g. `logstream-train fit --dataset bgl ...`."""
     configure_logging("WARNING")
-    if detector == "novelty":
+    if model is None:
+        if detector != "novelty":
+            print(f"logstream demo --detector {detector} needs --model DIR: an artifact trained on BGL "
+                  f"(logstream-train {'fit' if detector == 'logllm' else 'fit-logllama'} --dataset bgl ...)",
+                  file=sys.stderr)
+            return 2
         model = sample_path("bgl-novelty.json")
-    else:
-        from logstream.detectors.logllm_demo import demo_artifact  # noqa: PLC0415 - optional, heavy
-
-        model = demo_artifact()
     broker = EmbeddedBroker().start()
     print(f"embedded broker at {broker.bootstrap_servers}", file=sys.stderr)
     try:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,16 @@ from logstream.basemodels import BaseModel, BaseModelError, resolve_embedder, re
 from logstream.logs import get_logger
 
 log = get_logger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every wrap; it is peft's call, not ours, and says nothing to an operator."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
 
 # --- the recipe -----------------------------------------------------------------------------------
 
@@ -309,8 +320,9 @@ class LogLLM(nn.Module):
             raise RuntimeError("adapters are attached already")
         if self.quantized:
             self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
-        self.embedder = get_peft_model(self.embedder, EMBEDDER_LORA.config(task_type=None))
-        self.llm = get_peft_model(self.llm, LLM_LORA.config(task_type="CAUSAL_LM"))
+        with _quiet_peft():
+            self.embedder = get_peft_model(self.embedder, EMBEDDER_LORA.config(task_type=None))
+            self.llm = get_peft_model(self.llm, LLM_LORA.config(task_type="CAUSAL_LM"))
         self.set_trainable(projector=True, embedder_lora=True, llm_lora=True)
 
     def set_trainable(self, *, projector: bool, embedder_lora: bool, llm_lora: bool) -> None:
@@ -543,8 +555,10 @@ class LogLLM(nn.Module):
         model.projector.load_state_dict(weights)
         if model.quantized and trainable:
             model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
-        model.embedder = PeftModel.from_pretrained(model.embedder, directory / EMBEDDER_ADAPTER, is_trainable=trainable)
-        model.llm = PeftModel.from_pretrained(model.llm, directory / LLM_ADAPTER, is_trainable=trainable)
+        with _quiet_peft():
+            model.embedder = PeftModel.from_pretrained(model.embedder, directory / EMBEDDER_ADAPTER,
+                                                       is_trainable=trainable)
+            model.llm = PeftModel.from_pretrained(model.llm, directory / LLM_ADAPTER, is_trainable=trainable)
         if not model.quantized:
             model.to(model.device)
         model.set_trainable(projector=trainable, embedder_lora=trainable, llm_lora=trainable)

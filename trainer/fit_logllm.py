@@ -31,7 +31,9 @@ in eval mode, before and after it (`probe_before`, `probe_after` in the summary)
 training loss of its first and last quarter of micro-batches.
 
 On CUDA the LLM is loaded in 4-bit NF4 with bf16 compute (QLoRA; `--no-load-in-4bit` for bf16
-weights) and gradient checkpointing is on; on CPU everything is float32 LoRA.
+weights) and gradient checkpointing is on; on CPU everything is float32 LoRA. Under `torchrun`
+each step's micro-batches are dealt out over the processes and their gradients summed
+(`trainer.distributed`): the same run, faster; rank 0 alone writes.
 
 Files in `--output DIR`: the artifact (`logllm.json`, `projector.safetensors`, `embedder_lora/`,
 `llm_lora/`), replaced after every finished stage (logllm.json last, so a reader never takes half
@@ -43,6 +45,7 @@ the baselines); `fit-summary.json` (also the last stdout line).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -71,6 +74,7 @@ from logstream.model import (
 )
 from logstream.settings import Settings
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, oversample, summarize
+from trainer.distributed import World, WorldError
 from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
 
 log = get_logger(__name__)
@@ -257,13 +261,14 @@ class Trainer:
     """One `fit` run: data, the stages asked for (done ones skipped, an interrupted one resumed), the artifact."""
 
     def __init__(self, config: FitConfig, output: Path, settings: Settings, *, checkpoint_every: int,
-                 resume: bool) -> None:
+                 resume: bool, world: World | None = None) -> None:
         self.config = config
         self.output = output
         self.settings = settings
         self.checkpoint_every = checkpoint_every
+        self.world = world if world is not None else World()
         self.store = RunStore(output / CHECKPOINTS, FitError)
-        self.run_id = self.store.begin(asdict(config), resume=resume)
+        self.run_id = self.world.on_main(lambda: self.store.begin(asdict(config), resume=resume))
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
         self.model: LogLLM | None = None
         self.weights_of: str | None = None  # the done stage whose weights the model holds (None: fresh)
@@ -359,7 +364,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(parameters, lr=c.lr[stage], weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=plan.decay_every, gamma=c.lr_gamma)
         if saved is None:
-            torch.manual_seed(c.seed * 1_000_003 + STAGES.index(stage))  # dropout noise: same with or without --resume
+            # dropout noise: the same with or without --resume; each rank draws its own
+            torch.manual_seed(c.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank)
             previous = done[source]["info"].get("probe_after") if source is not None else None
             state: dict[str, Any] = {"step": 0, "seconds": 0.0, "losses": [],
                                      "probe_before": previous if previous is not None else self.probe(data)}
@@ -369,7 +375,7 @@ class Trainer:
             load_trainable_state(model, saved["weights"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
+            self._restore_rng(saved, stage)
             state = {key: saved[key] for key in ("step", "seconds", "losses", "probe_before")}
             self.weights_of = None  # mid-stage weights belong to no done stage
             log.info("checkpoint_restored", stage=stage, step=state["step"], total=plan.total_steps)
@@ -383,9 +389,13 @@ class Trainer:
             "lr_decay_every": plan.decay_every, "loss_first": mean(losses[:quarter]),
             "loss_last": mean(losses[-quarter:]), "probe_before": state["probe_before"], "probe_after": probe_after,
         }
-        publish_artifact(model, self.output)
-        self.store.save(f"stage-{stage}", {**self._payload(stage, state, optimizer, scheduler), "done": True,
-                                           "info": info})
+        payload = {**self._payload(stage, state, optimizer, scheduler), "done": True, "info": info}
+
+        def publish() -> None:
+            publish_artifact(model, self.output)
+            self.store.save(f"stage-{stage}", payload)
+
+        self.world.on_main(publish)
         self.weights_of = stage
         self.summary["stages"][stage] = info
         log.info("stage_done", stage=stage, **info)
@@ -398,18 +408,23 @@ class Trainer:
         assert model is not None
         self._train_mode(plan.stage)
         began = time.perf_counter() - state["seconds"]
-        bar = progress_bar(plan.total_steps, state["step"], f"stage {plan.stage}")
+        world = self.world
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        bar = progress_bar(plan.total_steps, state["step"], f"stage {plan.stage}", shown=world.main)
         windows_seen, window_began = 0, time.perf_counter()
         try:
             while state["step"] < plan.total_steps:
                 step = state["step"]
                 micro_batches = plan.micro_batches(step, len(data.stream), c.seed, c.micro_batch, c.grad_accum)
                 in_step = sum(len(m) for m in micro_batches)
-                for positions in micro_batches:
-                    batch = [data.stream[i] for i in positions]
+                mine: list[tuple[int, float]] = []  # (micro-batch index, loss): this rank's share of the step
+                for index in range(world.rank, len(micro_batches), world.size):
+                    batch = [data.stream[i] for i in micro_batches[index]]
                     loss = model.loss([w.window.templates for w in batch], [w.label for w in batch])
                     (loss * (len(batch) / in_step)).backward()
-                    state["losses"].append(round(loss.item(), 5))
+                    mine.append((index, round(loss.item(), 5)))
+                world.sum_gradients(parameters)
+                state["losses"].extend(value for _, value in sorted(x for part in world.gather(mine) for x in part))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -423,7 +438,8 @@ class Trainer:
                                 refresh=False)
                 bar.update(1)
                 if state["step"] % self.checkpoint_every == 0 or state["step"] == plan.total_steps:
-                    self.store.save(f"stage-{plan.stage}", self._payload(plan.stage, state, optimizer, scheduler))
+                    payload = self._payload(plan.stage, state, optimizer, scheduler)
+                    self.world.on_main(functools.partial(self.store.save, f"stage-{plan.stage}", payload))
                     log.info("stage_progress", stage=plan.stage, step=state["step"], total=plan.total_steps,
                              epoch=step // plan.steps_per_epoch + 1, **shown, windows_per_s=round(rate, 3),
                              seconds=round(state["seconds"], 1))
@@ -460,11 +476,22 @@ class Trainer:
 
     def _payload(self, stage: str, state: dict[str, Any], optimizer: torch.optim.Optimizer,
                  scheduler: Any) -> dict[str, Any]:
+        """A checkpoint; every rank calls it (its RNG state is gathered), rank 0 writes it."""
         assert self.model is not None
+        rngs = self.world.gather(rng_state())
         return {"run_id": self.run_id, "stage": stage, "done": False, "step": state["step"],
                 "seconds": state["seconds"], "losses": state["losses"], "probe_before": state["probe_before"],
                 "weights": trainable_state(self.model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state()}
+                "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_by_rank": rngs}
+
+    def _restore_rng(self, saved: dict[str, Any], stage: str) -> None:
+        """This rank's RNG from the checkpoint; a rank the saving run did not have draws a fresh stream."""
+        by_rank = saved.get("rng_by_rank") or [saved["rng"]]
+        if self.world.rank < len(by_rank):
+            set_rng_state(by_rank[self.world.rank])
+        else:
+            torch.manual_seed(self.config.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank
+                              + saved["step"])
 
 
 # --- command --------------------------------------------------------------------------------------
@@ -572,18 +599,29 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
     )
 
 
-def fit(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """Run the stages asked for (skipping those already done in a resumed run), then evaluate."""
+def fit(args: argparse.Namespace, settings: Settings, world: World | None = None) -> dict[str, Any]:
+    """Run the stages asked for (skipping those already done in a resumed run), then evaluate (rank 0)."""
+    world = world if world is not None else World.from_env()
     stages = parse_stages(args.stages)
+    if world.distributed:  # one GPU per process; every process trains the same run
+        settings = settings.model_copy(update={"device": world.device(settings.device)})
     config = config_from(args, settings)
-    with torch_threads(args.threads):
-        trainer = Trainer(config, args.output, settings, checkpoint_every=args.checkpoint_every, resume=args.resume)
-        data = trainer.prepare()
-        started = time.perf_counter()
-        trainer.run(stages, data)
-        trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
-        trainer.model = None  # free it: the evaluation loads the artifact as the consumer does
-        trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
+    world.start(pick_device(settings.device))
+    try:
+        with torch_threads(args.threads):
+            trainer = Trainer(config, args.output, settings, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume, world=world)
+            data = trainer.prepare()
+            started = time.perf_counter()
+            trainer.run(stages, data)
+            trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
+            trainer.summary["processes"] = world.size
+            trainer.model = None  # free it: the evaluation loads the artifact as the consumer does
+            if not world.main:
+                return trainer.summary
+            trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
+    finally:
+        world.close()
     args.output.mkdir(parents=True, exist_ok=True)
     tmp = args.output / (SUMMARY_FILE + ".tmp")
     tmp.write_bytes(orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
@@ -622,12 +660,19 @@ def run(args: argparse.Namespace) -> int:
     settings = command_settings(args, SETTINGS_FLAGS, "fit")
     if settings is None:
         return 2
-    configure_logging(settings.log_level)
     try:
-        summary = fit(args, settings)
-    except (RunError, ArtifactError, BaseModelError, DetectorNotReady, ValueError, OSError) as exc:
+        world = World.from_env()
+    except WorldError as exc:
         print(f"logstream-train fit: {exc}", file=sys.stderr)
         return 2
-    summary["total_seconds"] = round(time.perf_counter() - started, 1)
-    print(orjson.dumps(summary).decode(), flush=True)
+    configure_logging(settings.log_level if world.main else "WARNING")  # rank 0 tells the story
+    try:
+        summary = fit(args, settings, world)
+    except (RunError, ArtifactError, BaseModelError, DetectorNotReady, ValueError, OSError, WorldError) as exc:
+        where = f" (rank {world.rank})" if world.distributed else ""
+        print(f"logstream-train fit{where}: {exc}", file=sys.stderr)
+        return 2
+    if world.main:
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        print(orjson.dumps(summary).decode(), flush=True)
     return 0

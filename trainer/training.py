@@ -81,11 +81,11 @@ class RunStore:
         tmp.replace(path)
 
 
-def progress_bar(total: int, initial: int, desc: str, unit: str = "step") -> Any:
-    """A tqdm bar on stderr (hidden when stderr is not a terminal), resumed at `initial`."""
+def progress_bar(total: int, initial: int, desc: str, unit: str = "step", *, shown: bool = True) -> Any:
+    """A tqdm bar on stderr (hidden when stderr is not a terminal, or `shown` is false), resumed at `initial`."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=None,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=None if shown else True,
                 dynamic_ncols=True)
 
 

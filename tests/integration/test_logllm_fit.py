@@ -175,3 +175,23 @@ def test_the_fitted_artifact_serves_through_logstream_run(bootstrap: str, fitted
     assert len(alerts) == 10 and {a["detector"]["name"] for a in alerts} == {"logllm"}
     assert sorted(a["source"]["first_offset"] for a in alerts) == list(range(0, 100, WINDOW))
     assert all(0.0 <= a["verdict"]["score"] <= 100.0 for a in alerts)
+
+
+def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path: Path, model_cache_dir: Path) -> None:
+    """Stage 2-1 (projector only: no dropout anywhere) on one process and on two under torchrun (gloo on CPU)."""
+    one, _ = run_fit(tmp_path / "one", model_cache_dir, "--stages", "2-1", "--no-evaluate")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+               "--", *fit_command(tmp_path / "two", model_cache_dir, "--stages", "2-1", "--no-evaluate")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # rank 0 alone reports
+    two = orjson.loads(summaries[0])
+    assert one["processes"] == 1 and two["processes"] == 2
+    ours, theirs = checkpoint(tmp_path / "two", "2-1"), checkpoint(tmp_path / "one", "2-1")
+    assert ours["done"] and len(ours["rng_by_rank"]) == 2 and len(theirs["rng_by_rank"]) == 1
+    assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-4)  # every micro-batch, in order
+    two_weights, one_weights = (load_file(tmp_path / name / "projector.safetensors") for name in ("two", "one"))
+    assert all(torch.allclose(two_weights[k], one_weights[k], atol=1e-5) for k in one_weights)
+    assert two["stages"]["2-1"]["probe_after"] == pytest.approx(one["stages"]["2-1"]["probe_after"], abs=1e-4)
