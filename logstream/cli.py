@@ -285,10 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_models_prepare)
 
     demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
-    demo.add_argument("--detector", default="novelty", choices=["novelty", "logllm", "logllama"],
-                      help="novelty uses the shipped BGL model; the LLM detectors need --model")
+    demo.add_argument("--detector", default="logllm", choices=["logllm", "novelty", "logllama"],
+                      help="logllm and novelty have shipped BGL models; logllama needs --model")
     demo.add_argument("--model", type=Path, default=None,
-                      help="a BGL artifact from `logstream-train fit` / `fit-logllama` (for logllm / logllama)")
+                      help="your own BGL model instead (`logstream-train fit` / `fit-logllama` artifact)")
     demo.add_argument("--lines", type=int, default=2000, help="lines of the sample to stream")
     demo.add_argument("--keep-broker", action="store_true", help="leave the broker running after the demo")
     demo.set_defaults(func=cmd_demo)
