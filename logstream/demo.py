@@ -17,7 +17,7 @@ from pathlib import Path
 from logstream.broker import EmbeddedBroker
 from logstream.logs import configure_logging
 from logstream.pipeline import Pipeline
-from logstream.producer import produce_file
+from logstream.producer import create_topic, produce_file
 from logstream.settings import Settings
 from logstream.tail import tail_alerts
 
@@ -76,6 +76,7 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int = 2
     print(f"embedded broker at {broker.bootstrap_servers}", file=sys.stderr)
     try:
         settings = Settings(bootstrap_servers=broker.bootstrap_servers, **options)
+        create_topic(broker.bootstrap_servers, RAW_TOPIC)  # before the consumer subscribes: no "unknown topic" noise
         stop = threading.Event()
         pipeline = Pipeline(settings, scorer, stop_event=stop)
         consumer_thread = threading.Thread(target=pipeline.run, name="logstream-demo-consumer", daemon=True)
