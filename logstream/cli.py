@@ -153,8 +153,9 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     configure_logging("WARNING")
     stop = threading.Event()
     _stop_on_signals(stop)
-    tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
-                raw_json=args.json, idle_exit_s=args.idle_exit)
+    seen = tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
+                       raw_json=args.json, idle_exit_s=args.idle_exit)
+    print(f"{seen} alerts", file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import uuid
@@ -56,5 +55,4 @@ def tail_alerts(
                 print(format_alert(orjson.loads(message.value())), flush=True)
     finally:
         consumer.close()
-    print(f"{seen} alerts", file=sys.stderr)
     return seen
