@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer
@@ -28,14 +30,19 @@ def tail_alerts(
     from_beginning: bool = False,
     raw_json: bool = False,
     idle_exit_s: float | None = None,
+    on_alert: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Print alerts until `stop` is set (or nothing arrives for `idle_exit_s`); returns how many."""
+    """Print alerts until `stop` is set (or nothing arrives for `idle_exit_s`); returns how many.
+
+    `on_alert` also gets each alert document (the demo scores them against the sample's labels)."""
     consumer = Consumer({
         "bootstrap.servers": bootstrap_servers,
         "group.id": f"logstream-tail-{uuid.uuid4().hex[:8]}",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
         "enable.auto.commit": False,
         "isolation.level": "read_committed",
+        # the alerts topic may not exist yet (tail started before the consumer): notice it within seconds
+        "topic.metadata.refresh.interval.ms": 2000,
     })
     consumer.subscribe([topic])
     seen = 0
@@ -51,8 +58,12 @@ def tail_alerts(
             seen += 1
             if raw_json:
                 print(message.value().decode(), flush=True)
-            else:
-                print(format_alert(orjson.loads(message.value())), flush=True)
+            if on_alert is not None or not raw_json:
+                document = orjson.loads(message.value())
+                if not raw_json:
+                    print(format_alert(document), flush=True)
+                if on_alert is not None:
+                    on_alert(document)
     finally:
         consumer.close()
     return seen
