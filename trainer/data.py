@@ -9,8 +9,8 @@ Splits follow the LogLLM paper:
 - HDFS: one session window per block id (a line naming several blocks joins each); the label of a
   window is its block's label in `anomaly_label.csv` (`BlockId,Label`, `Normal`/`Anomaly`). Blocks
   are split at random 80/20 with a fixed seed *before* windowing, so every session of a block lands
-  on the same side. The session gap defaults to `HDFS_SESSION_GAP_S` (one day) rather than the
-  consumer's 300 s: HDFS blocks stay quiet for hours between lines (see `HDFS_SESSION_GAP_S`).
+  on the same side. The session gap defaults to `HDFS_SESSION_GAP_S` (one day), as in the
+  consumer with `--format hdfs`: HDFS blocks stay quiet for hours between lines.
 - BGL, Thunderbird, Liberty: the file's lines are split chronologically by position (the first
   `train_fraction` of the records train, the rest test) and *then* each part is windowed on its own
   (count windows, 100/100 by default), so no window straddles the boundary and nothing from the

@@ -80,7 +80,7 @@ class World:
         """Each process's GPU: `cuda:LOCAL_RANK` when CUDA is asked for (or there by default) in a world of many."""
         if not self.distributed:
             return requested
-        wants_cuda = requested is None or requested == "cuda" or requested.startswith("cuda")
+        wants_cuda = requested is None or requested.startswith("cuda")
         if wants_cuda and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return requested if requested is not None else "cpu"

@@ -239,8 +239,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a dump's test windows with a trained model and the baselines; write a report",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap (the consumer's "
-               "default is 300 s, which cuts most HDFS blocks into several sessions; see README).",
+        epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap, the consumer's "
+               "HDFS default too (a 300 s gap cuts most HDFS blocks into several sessions; see README).",
     )
     parser.add_argument("--model", required=True,
                         help=f"artifact directory (logllm, logllama), a novelty model file, or `{BASELINES_ONLY}` "

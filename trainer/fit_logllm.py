@@ -364,8 +364,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(parameters, lr=c.lr[stage], weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=plan.decay_every, gamma=c.lr_gamma)
         if saved is None:
-            # dropout noise: the same with or without --resume; each rank draws its own
-            torch.manual_seed(c.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank)
+            torch.manual_seed(self._dropout_seed(stage))  # the same with or without --resume
             previous = done[source]["info"].get("probe_after") if source is not None else None
             state: dict[str, Any] = {"step": 0, "seconds": 0.0, "losses": [],
                                      "probe_before": previous if previous is not None else self.probe(data)}
@@ -490,8 +489,11 @@ class Trainer:
         if self.world.rank < len(by_rank):
             set_rng_state(by_rank[self.world.rank])
         else:
-            torch.manual_seed(self.config.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank
-                              + saved["step"])
+            torch.manual_seed(self._dropout_seed(stage) + saved["step"])
+
+    def _dropout_seed(self, stage: str) -> int:
+        """Seed of a stage's dropout noise: a function of the run's seed, the stage and the rank (each draws its own)."""
+        return self.config.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank
 
 
 # --- command --------------------------------------------------------------------------------------
