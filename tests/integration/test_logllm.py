@@ -101,7 +101,10 @@ def test_eviction_respects_the_bound_and_changes_no_verdict(detector: LogLLMDete
     again = [bounded.score([w])[0] for w in windows]
     expected = unbounded.score(windows)
     assert [v.anomalous for v in again] == [v.anomalous for v in expected]
-    assert [v.score for v in again] == pytest.approx([v.score for v in expected], abs=1e-3)
+    # Scores are rounded to 3 decimals and the same window judged alone or in a batch differs in float32's last
+    # bits (BERT and the LLM pad to the batch's longest row, BLAS blocks by batch shape), so two equal scores can
+    # round to neighbours (19.259 vs 19.260). 0.01 score points (1e-4 in probability) is far below any decision.
+    assert [v.score for v in again] == pytest.approx([v.score for v in expected], abs=1e-2)
 
 
 def test_messages_beyond_the_cap_are_the_oldest_dropped(detector: LogLLMDetector) -> None:
