@@ -24,9 +24,18 @@ def open_binary(path: Path) -> BinaryIO:
     return path.open("rb")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_records(path: Path) -> Iterator[bytes]:
-    """The raw records of a file, one per line, with line terminators kept (the parser removes them)."""
+    """The raw records of a file, one per line (split at `\n`), with line terminators kept (the
+    parser removes them, `\r\n` or a stray `\r` too). A UTF-8 byte-order mark opening the file is
+    not part of its first record."""
     with open_binary(path) as handle:
+        first = handle.readline()
+        if not first:
+            return
+        yield first[len(UTF8_BOM):] if first.startswith(UTF8_BOM) else first
         yield from handle
 
 

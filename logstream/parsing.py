@@ -14,11 +14,12 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
-from logstream.records import LogLine
+from logstream.records import LogLine, TimeSource
+from logstream.timestamps import leading_timestamp
 
 MASK = "<*>"
 
@@ -27,9 +28,7 @@ _BLOCK_ID = re.compile(r"blk_-?\d+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HDFS = re.compile(r"(\d{6}) (\d{6}) (\d+) (\S+) (\S+?):(?: (.*))?$", re.DOTALL)
 _DOTTED_DATE = re.compile(r"\d{4}\.\d{2}\.\d{2}$")
-_ISO_PREFIX = re.compile(
-    r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)(?:\s+|$)"
-)
+BOM = "\ufeff"  # a UTF-8 byte-order mark (EF BB BF) decoded: never data at the start of a line
 
 
 class BadRecord(ValueError):
@@ -142,23 +141,19 @@ def parse_thunderbird(line: str) -> ParsedLine:
     return ParsedLine(*_thunderbird_fields(line))
 
 
-def _generic_fields(line: str) -> Fields:
-    match = _ISO_PREFIX.match(line)
-    if match is None:
+def _generic_fields(line: str, reference: float) -> Fields:
+    found = leading_timestamp(line, reference)
+    if found is None:
         return line, None, None
-    stamp = match.group(1).replace(",", ".")
-    try:
-        parsed = datetime.fromisoformat(stamp)
-    except ValueError:
-        return line, None, None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return line[match.end() :], parsed.timestamp(), None
+    return found[0], found[1], None
 
 
-def parse_generic(line: str) -> ParsedLine:
-    """The whole line is the content, after an optional leading ISO-8601 timestamp."""
-    return ParsedLine(*_generic_fields(line))
+def parse_generic(line: str, reference: float | None = None) -> ParsedLine:
+    """The whole line is the content, after an optional leading timestamp (`logstream.timestamps`).
+
+    `reference` (epoch seconds, default now) dates year-less syslog stamps.
+    """
+    return ParsedLine(*_generic_fields(line, time.time() if reference is None else reference))
 
 
 FORMATS: dict[str, Callable[[str], ParsedLine]] = {
@@ -170,13 +165,14 @@ FORMATS: dict[str, Callable[[str], ParsedLine]] = {
 }
 
 
-# The same formats as plain tuples, for the per-record path (no ParsedLine object per line).
+# The formats with a fixed header as plain tuples, for the per-record path (no ParsedLine object
+# per line). The generic format also needs a reference time (year-less stamps): `LineParser` calls
+# `_generic_fields` itself.
 _FIELDS: dict[str, Callable[[str], Fields]] = {
     "hdfs": _hdfs_fields,
     "bgl": _bgl_fields,
     "thunderbird": _thunderbird_fields,
     "liberty": _thunderbird_fields,
-    "generic": _generic_fields,
 }
 
 
@@ -190,11 +186,23 @@ def parser_for(fmt: str) -> Callable[[str], ParsedLine]:
 # --- records -> lines --------------------------------------------------------------------------
 
 
+def line_breaks(text: str) -> str:
+    """`text` without line terminators at its end, and with `\n` for each `\r\n` or lone `\r` inside."""
+    text = text.rstrip("\r\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def decode_record(value: bytes | None, max_bytes: int) -> str:
     """Bytes of one record to the text of one line, or `BadRecord`.
 
-    One trailing line terminator is removed (loghub files use CRLF). Embedded newlines are kept
-    (multi-line records such as stack traces are one message).
+    Text logstream did not write is taken as it comes from files and shippers:
+    - a leading UTF-8 byte-order mark (Windows editors, spreadsheet exports) is not data: dropped;
+    - line terminators at the end (`\n`, `\r\n`, a stray `\r` left by splitting a CRLF file on
+      `\n`, or any run of them) are removed, so a line gives the same text whatever its ending;
+    - line breaks inside a multi-line record (a stack trace) are kept as one message, each `\r\n`
+      or lone `\r` written as `\n`.
     """
     if not value:
         raise BadRecord("empty")
@@ -204,8 +212,9 @@ def decode_record(value: bytes | None, max_bytes: int) -> str:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRecord("undecodable", f"invalid UTF-8 at byte {exc.start}") from None
-    if text.endswith("\n"):
-        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if text.startswith(BOM):
+        text = text[1:]
+    text = line_breaks(text)
     if not text or text.isspace():  # what `not text.strip()` says, without building a copy
         raise BadRecord("empty")
     if not text.isprintable():  # every control character is unprintable: most lines skip the search
@@ -215,7 +224,10 @@ def decode_record(value: bytes | None, max_bytes: int) -> str:
     return text
 
 
-def _line_factory() -> Callable[[str, int, int, str, str, float, bool | None, tuple[str, ...]], LogLine]:
+_LineMaker = Callable[[str, int, int, str, str, float, "bool | None", tuple[str, ...], TimeSource], LogLine]
+
+
+def _line_factory() -> _LineMaker:
     """A LogLine constructor that sets the slots directly.
 
     The frozen dataclass `__init__` goes through `object.__setattr__` once per field, about half of
@@ -223,14 +235,14 @@ def _line_factory() -> Callable[[str, int, int, str, str, float, bool | None, tu
     still frozen). Should LogLine ever gain a `__post_init__` or change its fields, the plain
     constructor is used instead.
     """
-    names = ("topic", "partition", "offset", "raw", "template", "event_time", "label", "block_ids")
+    names = ("topic", "partition", "offset", "raw", "template", "event_time", "label", "block_ids", "time_source")
     if tuple(f.name for f in dataclasses.fields(LogLine)) != names or hasattr(LogLine, "__post_init__"):
         return LogLine
-    s0, s1, s2, s3, s4, s5, s6, s7 = (getattr(LogLine, name).__set__ for name in names)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(LogLine, name).__set__ for name in names)
     new = object.__new__
 
     def make(topic: str, partition: int, offset: int, raw: str, template: str, event_time: float,
-             label: bool | None, block_ids: tuple[str, ...]) -> LogLine:
+             label: bool | None, block_ids: tuple[str, ...], time_source: TimeSource) -> LogLine:
         line = new(LogLine)
         s0(line, topic)
         s1(line, partition)
@@ -240,6 +252,7 @@ def _line_factory() -> Callable[[str, int, int, str, str, float, bool | None, tu
         s5(line, event_time)
         s6(line, label)
         s7(line, block_ids)
+        s8(line, time_source)
         return line
 
     return make
@@ -257,14 +270,23 @@ class LineParser:
     Keeps a bounded content -> template map: masking is the costliest step per line and many real
     contents repeat verbatim (BGL: 60% of lines). Only short contents are kept and the map is
     emptied when full, so its memory stays bounded (about 16k x 1 KB at worst).
+
+    Event time: HDFS, BGL, Thunderbird and Liberty lines always carry their own (a line without one
+    is unparseable). A generic line without a recognised stamp (a stack-trace continuation) takes
+    the last event time seen on its partition (file: earlier in the file), marked
+    `time_source="inherited"`; only before any stamped line does it take the record's Kafka
+    timestamp (`"record"`). That state is per (topic, partition) and starts afresh with `forget`
+    (the consumer calls it when it takes a partition on), so a replay gives the same times.
     """
 
     def __init__(self, fmt: str, max_line_bytes: int = 1_048_576) -> None:
         self.format = fmt
         self.max_line_bytes = max_line_bytes
         parser_for(fmt)  # refuses an unknown format with the list of known ones
-        self._fields = _FIELDS[fmt]
+        self._fields = _FIELDS.get(fmt)
         self._templates: dict[str, str] = {}
+        self._last_times: dict[tuple[str, int], float] = {}
+        self._reference = time.time()  # dates year-less stamps of records without a time (files)
 
     def parse(
         self,
@@ -275,14 +297,29 @@ class LineParser:
         offset: int,
         record_time: float,
     ) -> LogLine:
-        """Parse one record; `record_time` (Kafka timestamp, seconds) stands in for a missing line time."""
+        """Parse one record; `record_time` (Kafka timestamp, seconds; 0 for none, as in files) is the
+        event time of a line without one when its partition has shown no time yet (see the class)."""
         return self._line(decode_record(value, self.max_line_bytes), topic, partition, offset, record_time)
 
     def parse_text(self, text: str, *, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
+        """`parse` for text already decoded by `decode_record`."""
         return self._line(text, topic, partition, offset, record_time)
 
+    def forget(self, topic: str, partition: int) -> None:
+        """Drop the partition's last event time: its next lines are read as by a fresh parser."""
+        self._last_times.pop((topic, partition), None)
+
     def _line(self, text: str, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
-        content, event_time, label = self._fields(text)
+        source: TimeSource = "line"
+        if self._fields is not None:
+            content, event_time, label = self._fields(text)
+        else:  # generic
+            content, stamp, label = _generic_fields(text, record_time if record_time > 0 else self._reference)
+            if stamp is not None:
+                self._last_times[(topic, partition)] = event_time = stamp
+            else:
+                last = self._last_times.get((topic, partition))
+                event_time, source = (record_time, "record") if last is None else (last, "inherited")
         template = self._templates.get(content)
         if template is None:
             template = mask(content)
@@ -290,5 +327,5 @@ class LineParser:
                 if len(self._templates) >= TEMPLATE_CACHE_ENTRIES:
                     self._templates.clear()
                 self._templates[content] = template
-        return _new_line(topic, partition, offset, text, template,
-                         record_time if event_time is None else event_time, label, block_ids(text))
+        return _new_line(topic, partition, offset, text, template, event_time, label,  # type: ignore[arg-type]
+                         block_ids(text), source)

@@ -283,6 +283,7 @@ class Pipeline:
             grace=s.session_grace, max_lines=s.session_max_lines, max_open=s.session_max_open,
         )
         state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
+        self.parser.forget(*tp)  # inherited line times start afresh, as in a fresh consumer: replays agree
         snapshot = committed.snapshot
         if committed.state_ref is not None:
             snapshot = self._read_snapshot(tp, committed)

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 WindowKind = Literal["count", "session"]
+# Where a line's event time comes from: its own timestamp; the last one seen before it on its
+# partition (a line without a time, such as a stack-trace continuation); the Kafka record's
+# timestamp (no time seen yet on the partition; 0.0 for a file line).
+TimeSource = Literal["line", "inherited", "record"]
 CloseReason = Literal["size", "gap", "max_size", "cap", "end_of_input"]
 
 
@@ -24,9 +28,10 @@ class LogLine:
     offset: int
     raw: str  # the decoded line, without its line terminator
     template: str  # the content with variables masked as <*>
-    event_time: float  # seconds since the epoch: the line's own timestamp, else the record's
+    event_time: float  # seconds since the epoch; where it comes from: `time_source`
     label: bool | None = None  # True = anomalous, where the format carries a label
     block_ids: tuple[str, ...] = ()
+    time_source: TimeSource = "line"
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ from typing import Any
 
 from logstream.files import iter_log_lines, iter_records, open_binary
 from logstream.logs import get_logger
-from logstream.parsing import LineParser, block_ids, mask
+from logstream.parsing import LineParser, block_ids, line_breaks, mask
 from logstream.records import LogLine, Window
 from logstream.settings import HDFS_SESSION_GAP_S
 from logstream.windows import make_windower
@@ -61,6 +61,8 @@ FORMATS = {"hdfs": "hdfs", "bgl": "bgl", "thunderbird": "thunderbird", "liberty"
 HDFS_SESSION_MAX_OPEN = 10_000_000
 SESSION_OPTIONS = ("gap", "grace", "max_lines", "max_open")
 LOGLLM_CSV_HEADER = ["line_no", "window", "label", "content"]
+# CSV files saved by spreadsheet tools often open with a UTF-8 byte-order mark: not part of the header.
+CSV_ENCODING = "utf-8-sig"
 
 
 @dataclass(slots=True)
@@ -233,7 +235,7 @@ def is_logllm_csv(path: Path) -> bool:
     """True when the file is LogLLM's content-only CSV (`line_no,window,label,content` header)."""
     with open_binary(path) as handle:
         first = handle.readline(256)
-    return first.decode("utf-8", "replace").strip().split(",") == LOGLLM_CSV_HEADER
+    return first.decode(CSV_ENCODING, "replace").strip().split(",") == LOGLLM_CSV_HEADER
 
 
 def iter_logllm_csv(path: Path, bad: Counter[str]) -> Iterator[LogLine]:
@@ -242,16 +244,16 @@ def iter_logllm_csv(path: Path, bad: Counter[str]) -> Iterator[LogLine]:
     The layout has no header fields, so there is no event time (0.0, as for records without one)
     and the offset is the 0-based row number.
     """
-    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding=CSV_ENCODING, newline="") as text:
         reader = csv.reader(text)
         next(reader, None)
         for offset, row in enumerate(reader):
             if len(row) != 4 or row[2] not in ("0", "1"):
                 bad["unparseable"] += 1
                 continue
-            content = row[3]
+            content = line_breaks(row[3])  # as the consumer reads the same line, whatever its line ending
             yield LogLine(topic=path.name, partition=0, offset=offset, raw=content, template=mask(content),
-                          event_time=0.0, label=row[2] == "1", block_ids=block_ids(content))
+                          event_time=0.0, label=row[2] == "1", block_ids=block_ids(content), time_source="record")
 
 
 def count_records(path: Path) -> int:
@@ -266,7 +268,7 @@ def count_records(path: Path) -> int:
 
 
 def _count_csv_rows(path: Path) -> int:
-    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding=CSV_ENCODING, newline="") as text:
         return max(0, sum(1 for _ in csv.reader(text)) - 1)
 
 
@@ -404,7 +406,7 @@ def _chronological_split(
 def read_block_labels(path: Path) -> dict[str, bool]:
     """`BlockId,Label` (Normal/Anomaly) -> {block: anomalous}; a malformed row is an error, not a guess."""
     result: dict[str, bool] = {}
-    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding=CSV_ENCODING, newline="") as text:
         reader = csv.reader(text)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["BlockId", "Label"]:

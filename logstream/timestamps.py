@@ -1,0 +1,116 @@
+"""Leading timestamps of the generic format: which common prefixes are recognised, and their time.
+
+A generic line's timestamp is event time and must stay out of the template, or the same event on
+another day would be a new template. One anchored pattern finds where a recognised prefix ends
+(no date library finds a prefix's extent safely: fuzzy parsers take digits from anywhere in the
+line); the standard library's `datetime.fromisoformat` / `datetime.strptime` turn the matched text
+into a time. Recognised, at the start of the line:
+
+| style | example | time zone |
+|---|---|---|
+| ISO-8601 / RFC 3339 | `2024-01-02T03:04:05.5+01:00`, `2024-01-02 03:04:05` | given, else UTC |
+| log4j / logback | `2024-01-02 03:04:05,678`, `[2024-01-02 03:04:05,678]` | given, else UTC |
+| RFC 5424 syslog | `<34>1 2003-10-11T22:14:15.003Z host app ...` | given |
+| BSD syslog (RFC 3164) | `Nov  3 04:12:01 host ...`, `<34>Nov  3 04:12:01 ...` | UTC; year inferred |
+| nginx error log | `2024/01/02 03:04:05 [error] ...` | UTC |
+| Apache error log | `[Wed Oct 11 14:32:52.123456 2000] [core:error] ...` | UTC |
+| Apache/nginx access log | `[10/Oct/2000:13:55:36 -0700]`, first or after `host ident user` | given |
+| epoch | `1700000000`, `1700000000.123` (seconds), `1700000000123` (ms) | UTC |
+
+The prefix must be followed by whitespace or end the line. Syslog priorities (`<PRI>`, `<PRI>1`) go
+with the stamp. BSD syslog has no year: it is the latest year that puts the stamp no more than
+`SYSLOG_FUTURE_SLACK_S` (7 days) after a reference time, the record's Kafka timestamp when it has one
+(so a replay gives the same times), else the time the parser was made (files): a `Dec 31` stamp
+read on Jan 2 is last year's, a `Jan 1` stamp on Dec 30 (a clock slightly ahead) next year's.
+Epoch stamps count only with 10 digits (seconds, 2001-2286) or 13 (milliseconds), so a leading
+count such as `1234 requests` stays content.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from datetime import datetime, timezone
+
+SYSLOG_FUTURE_SLACK_S = 7 * 86_400.0
+
+_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_ISO = r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
+_CLF = r"\d{2}/" + _MONTH + r"/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}"
+_PREFIX = re.compile(
+    r"(?:<\d{1,3}>(?:\d{1,2} )?)?"  # syslog PRI, with the RFC 5424 version
+    r"(?:"
+    rf"(?P<iso>{_ISO})|\[(?P<iso_bracket>{_ISO})\]"
+    rf"|(?P<bsd>{_MONTH} {{1,2}}\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})?)"
+    r"|(?P<slash>\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2})"
+    rf"|\[(?P<ctime>(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} {{1,2}}\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})? \d{{4}})\]"
+    rf"|\[(?P<clf>{_CLF})\]"
+    r"|(?P<epoch>\d{10}(?:\.\d{1,9})?|\d{13})"
+    r")(?:\s+|$)"
+)
+# An access log (Common/Combined Log Format) puts its stamp after `host ident authuser`.
+_ACCESS_LOG = re.compile(rf"(\S+ \S+ \S+ )\[({_CLF})\](?:\s+|$)")
+
+
+def _utc(parsed: datetime) -> float:
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def _bsd_time(stamp: str, reference: float) -> float:
+    """A year-less syslog stamp as UTC seconds, in the year chosen against `reference` (see module)."""
+    clock, _, fraction = stamp.partition(".")
+    month_day_time = " ".join(clock.split())
+    base_year = datetime.fromtimestamp(reference, timezone.utc).year if reference > 0 else 1970
+    latest = reference + SYSLOG_FUTURE_SLACK_S
+    for year in range(base_year + 1, base_year - 9, -1):  # Feb 29 may need a few years back
+        try:
+            parsed = datetime.strptime(f"{year} {month_day_time}", "%Y %b %d %H:%M:%S")
+        except ValueError:
+            continue
+        seconds = calendar.timegm(parsed.timetuple())
+        if seconds <= latest:
+            return seconds + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+    raise ValueError(f"no year fits {stamp!r}")
+
+
+def _time(match: re.Match[str], reference: float) -> float:
+    kind = match.lastgroup
+    stamp = match.group(kind)  # type: ignore[arg-type]
+    if kind in ("iso", "iso_bracket"):
+        return _utc(datetime.fromisoformat(stamp.replace(",", ".")))
+    if kind == "bsd":
+        return _bsd_time(stamp, reference)
+    if kind == "slash":
+        return _utc(datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S"))
+    if kind == "ctime":
+        head, _, year = stamp.rpartition(" ")
+        clock, _, fraction = head.partition(".")
+        parsed = datetime.strptime(f"{year} {clock}", "%Y %a %b %d %H:%M:%S")
+        return _utc(parsed) + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+    if kind == "clf":
+        return _utc(datetime.strptime(stamp, "%d/%b/%Y:%H:%M:%S %z"))
+    return float(stamp) if len(stamp) != 13 or "." in stamp else int(stamp) / 1000.0  # epoch s or ms
+
+
+def leading_timestamp(line: str, reference: float) -> tuple[str, float] | None:
+    """`(content, event time in epoch seconds)` when the line starts with a recognised stamp, else None.
+
+    `reference` (epoch seconds; <= 0 for none) only dates year-less syslog stamps. A prefix that has
+    a recognised shape but is not a real time (month 13, Feb 30) is not a timestamp: None.
+    """
+    match = _PREFIX.match(line)
+    if match is not None:
+        try:
+            return line[match.end():], _time(match, reference)
+        except (ValueError, OverflowError):
+            return None
+    access = _ACCESS_LOG.match(line)
+    if access is not None:
+        try:
+            seconds = _utc(datetime.strptime(access.group(2), "%d/%b/%Y:%H:%M:%S %z"))
+        except ValueError:
+            return None
+        return access.group(1) + line[access.end():], seconds
+    return None
