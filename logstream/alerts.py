@@ -43,6 +43,25 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _event_time(window: Window) -> dict[str, Any]:
+    """First and last event time, and (when any) how many lines had no time of their own: inherited
+    from an earlier line of the partition, or the Kafka record's (see `LogLine.time_source`)."""
+    times = [line.event_time for line in window.lines]
+    result: dict[str, Any] = {"first": _iso(min(times)), "last": _iso(max(times))}
+    inherited = record = 0
+    for line in window.lines:
+        if line.time_source != "line":
+            if line.time_source == "inherited":
+                inherited += 1
+            else:
+                record += 1
+    if inherited:
+        result["inherited_lines"] = inherited
+    if record:
+        result["record_time_lines"] = record
+    return result
+
+
 def _index_templates(window: Window) -> tuple[dict[str, int], dict[str, int]]:
     """Count per template and index of its first line, in one pass (first-occurrence order)."""
     counts: dict[str, int] = {}
@@ -84,7 +103,6 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
     counts = index[0]
     # most frequent first, ties in first-occurrence order (what Counter.most_common gives)
     top = sorted(counts.items(), key=_count_of, reverse=True)[:MAX_TEMPLATES]
-    times = [line.event_time for line in window.lines]
     return {
         "schema_version": SCHEMA_VERSION,
         "alert_id": alert_id(window, detector_name),
@@ -102,7 +120,7 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
             "first_offset": window.first_offset,
             "last_offset": window.last_offset,
         },
-        "event_time": {"first": _iso(min(times)), "last": _iso(max(times))},
+        "event_time": _event_time(window),
         "verdict": {
             "label": "anomalous" if verdict.anomalous else "normal",
             "score": round(float(verdict.score), 3),

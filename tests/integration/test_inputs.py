@@ -7,11 +7,16 @@ keep the incident's time in the alert instead of the Kafka record time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import jsonschema
 
 from logstream.cli import main as logstream_main
 from tests.kafkatools import create_topic, make_settings, produce_lines, read_alerts, read_topic, run_once, unique
 
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "logstream/schemas/alert.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
 APP_LOG = [
     b"2024-01-02T09:01:58.120Z INFO web-frontend cache warm complete",
     b"Jan  2 09:01:59 web-1 nginx[812]: worker process started",
@@ -57,4 +62,6 @@ def test_continuation_lines_keep_the_incident_time_in_the_alert(bootstrap: str) 
     assert run_once(settings) == 0
     alerts = read_alerts(bootstrap, settings.alerts_topic, idle_s=1.0)
     assert len(alerts) == 1
-    assert alerts[0]["event_time"] == {"first": "2024-01-02T09:02:00.004000Z", "last": "2024-01-02T09:02:00.004000Z"}
+    VALIDATOR.validate(alerts[0])
+    assert alerts[0]["event_time"] == {"first": "2024-01-02T09:02:00.004000Z", "last": "2024-01-02T09:02:00.004000Z",
+                                       "inherited_lines": 3}

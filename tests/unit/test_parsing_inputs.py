@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from logstream.alerts import build_alert
 from logstream.detectors.novelty import NoveltyDetector
 from logstream.files import iter_log_lines, iter_records
 from logstream.parsing import LineParser, parse_generic
-from logstream.records import LogLine, Window
+from logstream.records import LogLine, Verdict, Window
 from logstream.timestamps import SYSLOG_FUTURE_SLACK_S, leading_timestamp
 from trainer.data import count_records, is_logllm_csv, load_split, read_block_labels
 
@@ -279,3 +280,15 @@ def test_fixed_formats_always_carry_their_own_time() -> None:
     parser = LineParser("hdfs")
     for offset in range(3):
         assert parse("hdfs", HDFS_LINE, parser=parser, offset=offset).time_source == "line"
+
+
+def test_the_alert_says_how_many_lines_had_no_time_of_their_own() -> None:
+    parser = LineParser("generic")
+    values = [b"    at orphan(A.java:1)", b"2024-01-02T09:02:00Z ERROR failed", b"    at a.b(C.java:17)",
+              b"    at c.d(E.java:3)"]
+    lines = [parse("generic", value, parser=parser, offset=i, record_time=NOW) for i, value in enumerate(values)]
+    window = Window("count", "t/0", "t", 0, lines, "size")
+    assert build_alert(window, Verdict(False, 0.0), "null", "1")["event_time"] == {
+        "first": "2024-01-02T09:02:00Z", "last": "2026-11-30T12:00:00Z", "inherited_lines": 2, "record_time_lines": 1}
+    stamped = Window("count", "t/0", "t", 0, lines[1:2], "size")
+    assert set(build_alert(stamped, Verdict(False, 0.0), "null", "1")["event_time"]) == {"first", "last"}
