@@ -28,7 +28,7 @@ count such as `1234 requests` stays content.
 
 from __future__ import annotations
 
-import calendar
+import functools
 import re
 from datetime import datetime, timezone
 
@@ -52,10 +52,31 @@ _PREFIX = re.compile(
 _ACCESS_LOG = re.compile(rf"(\S+ \S+ \S+ )\[({_CLF})\](?:\s+|$)")
 
 
+_CLF_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+_BSD_FORMAT = "%Y %b %d %H:%M:%S"
+
+
 def _utc(parsed: datetime) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+@functools.lru_cache(maxsize=8192)
+def _strptime_seconds(text: str, fmt: str) -> float | None:
+    """`strptime` as epoch seconds (UTC unless the text has an offset); None if it is not a real time.
+
+    Memoised: a busy stream repeats each whole-second stamp on many lines, so the (slow) strptime runs
+    about once per distinct second, not once per line.
+    """
+    try:
+        return _utc(datetime.strptime(text, fmt))
+    except ValueError:
+        return None
+
+
+def _fraction(digits: str) -> float:
+    return int(digits) / 10 ** len(digits) if digits else 0.0
 
 
 def _bsd_time(stamp: str, reference: float) -> float:
@@ -65,14 +86,16 @@ def _bsd_time(stamp: str, reference: float) -> float:
     base_year = datetime.fromtimestamp(reference, timezone.utc).year if reference > 0 else 1970
     latest = reference + SYSLOG_FUTURE_SLACK_S
     for year in range(base_year + 1, base_year - 9, -1):  # Feb 29 may need a few years back
-        try:
-            parsed = datetime.strptime(f"{year} {month_day_time}", "%Y %b %d %H:%M:%S")
-        except ValueError:
-            continue
-        seconds = calendar.timegm(parsed.timetuple())
-        if seconds <= latest:
-            return seconds + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+        seconds = _strptime_seconds(f"{year} {month_day_time}", _BSD_FORMAT)
+        if seconds is not None and seconds <= latest:
+            return seconds + _fraction(fraction)
     raise ValueError(f"no year fits {stamp!r}")
+
+
+def _checked(seconds: float | None) -> float:
+    if seconds is None:
+        raise ValueError("not a real time")
+    return seconds
 
 
 def _time(match: re.Match[str], reference: float) -> float:
@@ -83,14 +106,13 @@ def _time(match: re.Match[str], reference: float) -> float:
     if kind == "bsd":
         return _bsd_time(stamp, reference)
     if kind == "slash":
-        return _utc(datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S"))
+        return _checked(_strptime_seconds(stamp, "%Y/%m/%d %H:%M:%S"))
     if kind == "ctime":
         head, _, year = stamp.rpartition(" ")
         clock, _, fraction = head.partition(".")
-        parsed = datetime.strptime(f"{year} {clock}", "%Y %a %b %d %H:%M:%S")
-        return _utc(parsed) + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+        return _checked(_strptime_seconds(f"{year} {' '.join(clock.split())}", "%Y %a %b %d %H:%M:%S")) + _fraction(fraction)
     if kind == "clf":
-        return _utc(datetime.strptime(stamp, "%d/%b/%Y:%H:%M:%S %z"))
+        return _checked(_strptime_seconds(stamp, _CLF_FORMAT))
     return float(stamp) if len(stamp) != 13 or "." in stamp else int(stamp) / 1000.0  # epoch s or ms
 
 
@@ -108,9 +130,6 @@ def leading_timestamp(line: str, reference: float) -> tuple[str, float] | None:
             return None
     access = _ACCESS_LOG.match(line)
     if access is not None:
-        try:
-            seconds = _utc(datetime.strptime(access.group(2), "%d/%b/%Y:%H:%M:%S %z"))
-        except ValueError:
-            return None
-        return access.group(1) + line[access.end():], seconds
+        seconds = _strptime_seconds(access.group(2), _CLF_FORMAT)
+        return None if seconds is None else (access.group(1) + line[access.end():], seconds)
     return None
