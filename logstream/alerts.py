@@ -3,6 +3,12 @@
 The schema lives in `logstream/schemas/alert.schema.json` (tests validate every alert against it).
 `alert_id` is a function of the window id and the detector name only, so a replay of the same
 window by the same detector yields the same id: duplicates are detectable downstream.
+
+Size: a document always fits the budget it is encoded for (`encode_alert(alert, max_bytes)`).
+Templates and sample lines longer than 2,000 characters are cut; when the whole document is still
+too large, templates, sample lines and evidence are cut shorter and fewer until it fits. Every item
+that was cut says `"truncated": true`, and the document lists the parts it shortened in `truncated`.
+Counts (`distinct_templates`, each template's `count`, `window.size`) always stay exact.
 """
 
 from __future__ import annotations
@@ -19,7 +25,20 @@ from logstream.records import Verdict, Window
 SCHEMA_VERSION = 1
 MAX_TEMPLATES = 100
 MAX_SAMPLE_LINES = 5
-MAX_LINE_CHARS = 2000
+MAX_LINE_CHARS = 2000  # per sample line and per template
+_MIN_CHARS = 16
+_SHRINK_STEPS = 12  # halvings from MAX_LINE_CHARS / MAX_TEMPLATES down to the minimal document
+
+
+class OutputTooLarge(ValueError):
+    """A document that does not fit its byte budget even with every truncatable part cut to the minimum."""
+
+
+def _clip(item: dict[str, Any], field: str, chars: int) -> dict[str, Any]:
+    text = item[field]
+    if len(text) <= chars:
+        return item
+    return {**item, field: text[:chars], "truncated": True}
 
 
 def alert_id(window: Window, detector_name: str) -> str:
@@ -94,7 +113,7 @@ def representative_lines(
                 if len(chosen) == MAX_SAMPLE_LINES:
                     break
     picked = [window.lines[i] for i in chosen[:MAX_SAMPLE_LINES]]
-    return [{"offset": line.offset, "line": line.raw[:MAX_LINE_CHARS]} for line in picked]
+    return [_clip({"offset": line.offset, "line": line.raw}, "line", MAX_LINE_CHARS) for line in picked]
 
 
 def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_version: str) -> dict[str, Any]:
@@ -103,7 +122,11 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
     counts = index[0]
     # most frequent first, ties in first-occurrence order (what Counter.most_common gives)
     top = sorted(counts.items(), key=_count_of, reverse=True)[:MAX_TEMPLATES]
-    return {
+    templates = [_clip({"template": t, "count": c}, "template", MAX_LINE_CHARS) for t, c in top]
+    samples = representative_lines(window, verdict, index)
+    truncated = [part for part, items in (("templates", templates), ("sample_lines", samples))
+                 if any(item.get("truncated") for item in items)]
+    alert: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "alert_id": alert_id(window, detector_name),
         "detector": {"name": detector_name, "version": detector_version},
@@ -126,17 +149,56 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
             "score": round(float(verdict.score), 3),
             "severity": severity(verdict),
         },
-        "templates": [{"template": t, "count": c} for t, c in top],
+        "templates": templates,
         "distinct_templates": len(counts),
-        "sample_lines": representative_lines(window, verdict, index),
+        "sample_lines": samples,
         "evidence": [dict(item) for item in verdict.evidence],
         "created_at": _iso(time.time()),
     }
+    if truncated:
+        alert["truncated"] = truncated
+    return alert
 
 
 def _count_of(item: tuple[str, int]) -> int:
     return item[1]
 
 
-def encode_alert(alert: dict[str, Any]) -> bytes:
-    return orjson.dumps(alert)
+def encode_alert(alert: dict[str, Any], max_bytes: int | None = None) -> tuple[bytes, list[str]]:
+    """The document as JSON, at most `max_bytes` long (shortened as the module docstring says),
+    and the parts that were shortened (empty: the document is whole).
+
+    Raises OutputTooLarge when even the minimal document (one template, one sample line, no
+    evidence, 16 characters each) exceeds `max_bytes`.
+    """
+    data = orjson.dumps(alert)
+    if max_bytes is None or len(data) <= max_bytes:
+        return data, list(alert.get("truncated", ()))
+    for step in range(1, _SHRINK_STEPS + 1):
+        doc = _shrunk(alert, step)
+        data = orjson.dumps(doc)
+        if len(data) <= max_bytes:
+            return data, doc["truncated"]
+    raise OutputTooLarge(f"alert {alert['alert_id']}: {len(data)} bytes even at its minimum, limit {max_bytes}")
+
+
+def _shrunk(alert: dict[str, Any], step: int) -> dict[str, Any]:
+    """The document with its truncatable parts halved `step` times (shorter strings, fewer items)."""
+    chars = max(_MIN_CHARS, MAX_LINE_CHARS >> step)
+    templates = [_clip(item, "template", chars) for item in alert["templates"][: max(1, MAX_TEMPLATES >> step)]]
+    samples = [_clip(item, "line", chars) for item in alert["sample_lines"][: max(1, MAX_SAMPLE_LINES >> step)]]
+    evidence = [_clip_evidence(item, chars) for item in alert["evidence"][: len(alert["evidence"]) >> step]]
+    truncated = set(alert.get("truncated", ()))
+    for part, items in (("templates", templates), ("sample_lines", samples), ("evidence", evidence)):
+        if len(items) < len(alert[part]) or any(item.get("truncated") for item in items):
+            truncated.add(part)
+    doc = {**alert, "templates": templates, "sample_lines": samples, "evidence": evidence}
+    doc["truncated"] = [part for part in ("templates", "sample_lines", "evidence") if part in truncated]
+    return doc
+
+
+def _clip_evidence(item: dict[str, Any], chars: int) -> dict[str, Any]:
+    clipped = {key: value[:chars] if isinstance(value, str) else value for key, value in item.items()}
+    if any(isinstance(value, str) and len(value) > chars for value in item.values()):
+        clipped["truncated"] = True
+    return clipped

@@ -52,7 +52,8 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "zstd",
-        "message.max.bytes": max(1_000_000, settings.dlq_max_bytes + RECORD_OVERHEAD_BYTES),
+        # above every output's budget (outputs.OutputLimits; state chunks are at most 1,000,000 bytes)
+        "message.max.bytes": max(1_000_000, settings.dlq_max_bytes, settings.alert_max_bytes) + RECORD_OVERHEAD_BYTES,
     }
     if settings.guarantee == "exactly-once":
         config.update(

@@ -84,6 +84,12 @@ class Metrics:
         self.late_lines = _Counter("logstream_late_lines",
                                    "Line/window pairs that arrived after the window closed", registry=r)
         self.open_windows = _Gauge("logstream_open_windows", "Open windows", tp, registry=r)
+        self.outputs_truncated = _Counter("logstream_outputs_truncated",
+                                          "Outputs shortened to fit the output size limits, by kind: alert or "
+                                          "dead_letter", ["kind"], registry=r)
+        self.future_lines = _Counter("logstream_future_lines",
+                                     "Lines too far ahead of their partition's stream time (--max-future-s), "
+                                     "by what was done: dead-letter or clamp", ["action"], registry=r)
         # scoring and flow control
         self.queue_depth = _Gauge("logstream_queue_depth", "Windows waiting for or in scoring", registry=r)
         self.paused_partitions = _Gauge("logstream_paused_partitions", "Partitions paused by backpressure",

@@ -33,18 +33,19 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from logstream import __version__
-from logstream.alerts import build_alert, encode_alert, severity
+from logstream.alerts import OutputTooLarge, build_alert, encode_alert, severity
 from logstream.checkpoint import CommittedPosition, Cut, OutputLedger, PartitionCut, parse_metadata
 from logstream.detectors.base import Detector
 from logstream.kafka import RECORD_OVERHEAD_BYTES, consumer_config, ensure_topics, producer_config, read_record
 from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Health, Metrics
+from logstream.outputs import MAX_ERROR_CHARS, MAX_KEY_BYTES, STATE_CHUNK_BYTES, OutputLimits, output_limits
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine, Window
 from logstream.repartition import BLOCKS_HEADER
 from logstream.scoring import ScoreJob, ScoreResult, ScoringWorker
 from logstream.settings import Settings
-from logstream.windows import SessionWindower, make_windower
+from logstream.windows import CountWindower, make_windower
 
 log = get_logger(__name__)
 
@@ -70,6 +71,7 @@ class Output:
     headers: list[tuple[str, bytes]] | None = None
     severity: str | None = None
     cut: PartitionCut | None = None  # set for state records: their position goes into the commit
+    chunk: int = 0  # which record of a state snapshot split over several
 
 
 class PartitionState:
@@ -89,6 +91,9 @@ class PartitionState:
         )
         self.end_at_start: int | None = None
         self.eof = False
+        self.last_line_at = time.monotonic()  # when a line last joined the windows (idle close)
+        self.idle_held: list[Window] = []  # closed by an idle cut; published once the cut is committed
+        self.idle_cut_at: int | None = None  # offset of the last line before that cut
         topic, partition = tp
         self.lines_counter = metrics.lines_consumed.labels(topic, str(partition))
         self.replay_counter = metrics.lines_replayed.labels(topic, str(partition))
@@ -134,6 +139,8 @@ class Pipeline:
         self._error_log = LogThrottle(10.0)
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        # lowered at start to what the output topics take (outputs.output_limits)
+        self.limits = OutputLimits(settings.alert_max_bytes, settings.dlq_max_bytes, STATE_CHUNK_BYTES)
         self.scorer = ScoringWorker(
             detector,
             batch_size=settings.batch_size,
@@ -152,11 +159,13 @@ class Pipeline:
             ensure_topics(
                 settings,
                 {
-                    settings.alerts_topic: {},
+                    settings.alerts_topic: {"max.message.bytes": str(settings.alert_max_bytes + RECORD_OVERHEAD_BYTES)},
                     settings.dlq_topic: {"max.message.bytes": str(settings.dlq_max_bytes + RECORD_OVERHEAD_BYTES)},
-                    settings.resolved_state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000"},
+                    settings.resolved_state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000",
+                                                    "max.message.bytes": str(STATE_CHUNK_BYTES + RECORD_OVERHEAD_BYTES)},
                 },
             )
+        self.limits = output_limits(settings)
         self.producer = self._new_producer()
         self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
         self.scorer.start()
@@ -214,6 +223,7 @@ class Pipeline:
                 self._handle_messages(messages)
             self._collect_results()
             self._apply_backpressure()
+            self._close_idle_windows()
             self._maybe_checkpoint()
             self._update_lag()
             if self.settings.once and self._once_done():
@@ -281,13 +291,14 @@ class Pipeline:
         windower = make_windower(
             s.window, tp[0], tp[1], size=s.window_size, stride=s.stride, gap=s.effective_session_gap,
             grace=s.session_grace, max_lines=s.session_max_lines, max_open=s.session_max_open,
+            max_future=s.max_future_s or None, future_policy=s.future_policy, future_confirm=s.future_confirm_lines,
         )
         state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
         self.parser.forget(*tp)  # inherited line times start afresh, as in a fresh consumer: replays agree
         snapshot = committed.snapshot
-        if committed.state_ref is not None:
+        if committed.state_refs:
             snapshot = self._read_snapshot(tp, committed)
-        if isinstance(windower, SessionWindower) and snapshot is not None and committed.offset is not None:
+        if snapshot is not None and committed.offset is not None:
             windower.restore(snapshot, committed.fence)
         if s.once:
             low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=KAFKA_CALL_TIMEOUT_S)
@@ -298,14 +309,18 @@ class Pipeline:
         return state
 
     def _read_snapshot(self, tp: TP, committed: CommittedPosition) -> dict[str, Any] | None:
-        """The open-session snapshot a commit points at, checked against that commit."""
-        assert committed.state_ref is not None
+        """The windower snapshot a commit points at (its records joined in order), checked against that commit."""
         s = self.settings
-        raw = read_record(s, s.resolved_state_topic, *committed.state_ref)
-        body = orjson.loads(raw) if raw is not None else None
+        chunks = [read_record(s, s.resolved_state_topic, *ref) for ref in committed.state_refs]
+        body = None
+        if all(chunk is not None for chunk in chunks):
+            try:
+                body = orjson.loads(b"".join(chunk for chunk in chunks if chunk is not None))
+            except orjson.JSONDecodeError:
+                body = None
         expected = {"topic": tp[0], "partition": tp[1], "commit_offset": committed.offset, "fence": committed.fence}
-        if body is None or any(body.get(key) != value for key, value in expected.items()):
-            log.error("state_snapshot_missing", partition=f"{tp[0]}/{tp[1]}", ref=committed.state_ref,
+        if not isinstance(body, dict) or any(body.get(key) != value for key, value in expected.items()):
+            log.error("state_snapshot_missing", partition=f"{tp[0]}/{tp[1]}", ref=committed.state_refs,
                       found=None if body is None else {key: body.get(key) for key in expected},
                       consequence="open sessions replay as new windows")
             return None
@@ -405,7 +420,12 @@ class Pipeline:
             return
         if self._session_windows:
             line = self._routed_blocks(message, line)
-        result = state.windower.add(line)
+        result = state.windower.add(line, message.timestamp()[1] / 1000.0)
+        if result.future or result.clamped:
+            self._count_future(state, message, line, result.future, replay)
+            if result.future:
+                return
+        state.last_line_at = time.monotonic()
         if not replay:
             if result.opened:
                 self.metrics.windows_opened.labels(self.settings.window).inc(result.opened)
@@ -434,6 +454,50 @@ class Pipeline:
                 return dataclasses.replace(line, block_ids=tuple(value.decode().split(",")) if value else ())
         return line
 
+    def _count_future(self, state: PartitionState, message: Message, line: LogLine, refused: bool,
+                      replay: bool) -> None:
+        """A line from a clock far ahead of its partition's stream: dead-lettered (refused) or clamped."""
+        if replay:
+            return  # decided, counted and dead-lettered before the restart
+        self.metrics.future_lines.labels("dead-letter" if refused else "clamp").inc()
+        topic, partition = state.tp
+        ahead = f"event time {line.event_time:.3f} more than {self.settings.max_future_s:g} s ahead of stream time"
+        log.info("future_line", partition=f"{topic}/{partition}", offset=message.offset(), refused=refused)
+        if refused:
+            self._dead_letter(state, message, "future_timestamp", ahead)
+
+    def _close_idle_windows(self) -> None:
+        """Count windows of a partition quiet for --window-idle-s close (reason idle) after their last line.
+
+        The cut goes into the next commit's metadata before its windows are published (they are held
+        until then), with the fence at the cut's line: a replay from an earlier commit cuts at the
+        same line and publishes them, so a restart sees the same windows with the same ids.
+        """
+        idle_s = self.settings.window_idle_s
+        if not idle_s or self._session_windows or self.settings.once or self._pending_cut is not None:
+            return
+        now = time.monotonic()
+        cut = False
+        for state in self.parts.values():
+            if state.idle_held or not state.eof or not state.windower.open_windows:
+                continue
+            if now - state.last_line_at < idle_s:
+                continue
+            state.idle_cut_at = state.windower.last_offset
+            state.idle_held = state.windower.cut()
+            state.open_gauge.set(state.windower.open_windows)
+            cut = True
+        if cut:
+            self._pending_cut = self._take_cut()
+
+    def _release_idle(self, tps: Any) -> None:
+        """A committed cut recorded the idle cuts: their windows may be judged and published now."""
+        for tp in tps:
+            state = self.parts.get(tp)
+            if state is not None and state.idle_held:
+                held, state.idle_held, state.idle_cut_at = state.idle_held, [], None
+                self._submit(state, held)
+
     def _submit(self, state: PartitionState, windows: list[Window]) -> None:
         for window in windows:
             self.metrics.windows_closed.labels(window.kind, window.close_reason).inc()
@@ -458,8 +522,8 @@ class Pipeline:
         if result.verdict is None:
             self.metrics.scoring_errors.inc()
             body = {
-                "window_id": window.window_id, "key": window.key, "first_offset": window.first_offset,
-                "last_offset": window.last_offset, "error": result.error,
+                "window_id": window.window_id, "key": window.key[:MAX_KEY_BYTES], "first_offset": window.first_offset,
+                "last_offset": window.last_offset, "error": (result.error or "")[:MAX_ERROR_CHARS],
             }
             self._emit(Output(state.tp, job.seq, self.settings.dlq_topic, window.key.encode(), orjson.dumps(body),
                               self._headers(window.topic, window.partition, window.first_offset, "detector_error",
@@ -470,17 +534,40 @@ class Pipeline:
             state.ledger.complete(job.seq)  # judged normal: nothing to publish
             return
         alert = build_alert(window, result.verdict, self.detector.name, self.detector.version)
-        self._emit(Output(state.tp, job.seq, self.settings.alerts_topic, window.key.encode(), encode_alert(alert),
+        try:
+            value, truncated = encode_alert(alert, self.limits.alert)
+        except OutputTooLarge as exc:
+            self._output_too_large(state, job.seq, window, str(exc))
+            return
+        if truncated:
+            self.metrics.outputs_truncated.labels("alert").inc()
+            log.info("alert_truncated", alert_id=alert["alert_id"], parts=truncated, bytes=len(value),
+                     limit=self.limits.alert)
+        self._emit(Output(state.tp, job.seq, self.settings.alerts_topic, window.key.encode()[:MAX_KEY_BYTES], value,
                           severity=severity(result.verdict)))
+
+    def _output_too_large(self, state: PartitionState, seq: int, window: Window, error: str) -> None:
+        """An alert that cannot fit even at its minimum: a small dead-letter record names the window instead."""
+        body = {"window_id": window.window_id, "first_offset": window.first_offset,
+                "last_offset": window.last_offset, "error": error[:MAX_ERROR_CHARS]}
+        self.metrics.dlq_records.labels("output_too_large").inc()
+        self._emit(Output(state.tp, seq, self.settings.dlq_topic, window.key.encode()[:MAX_KEY_BYTES],
+                          orjson.dumps(body), self._headers(window.topic, window.partition, window.first_offset,
+                                                            "output_too_large", error)))
 
     def _dead_letter(self, state: PartitionState, message: Message, reason: str, detail: str) -> None:
         self.metrics.dlq_records.labels(reason).inc()
         headers = self._headers(message.topic(), message.partition(), message.offset(), reason, detail)
         value = message.value() or b""
-        if len(value) > self.settings.dlq_max_bytes:  # the broker would refuse it: keep the head, say so
+        if len(value) > self.limits.dlq:  # the broker would refuse it: keep the head, say so
             headers.append(("logstream.original-size", str(len(value)).encode()))
-            value = value[: self.settings.dlq_max_bytes]
-        self._emit(Output(state.tp, state.ledger.issue(), self.settings.dlq_topic, message.key(), value, headers))
+            value = value[: self.limits.dlq]
+            self.metrics.outputs_truncated.labels("dead_letter").inc()
+        key = message.key()
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            headers.append(("logstream.original-key-size", str(len(key)).encode()))
+            key = key[:MAX_KEY_BYTES]
+        self._emit(Output(state.tp, state.ledger.issue(), self.settings.dlq_topic, key, value, headers))
 
     @staticmethod
     def _headers(topic: str, partition: int, offset: int, reason: str, detail: str) -> list[tuple[str, bytes]]:
@@ -521,16 +608,40 @@ class Pipeline:
         if error is not None:
             if self.exactly_once and self._fatal is None and error.code() == KafkaError._PURGE_QUEUE:
                 return  # an aborted transaction's records: the rewind re-produces them
+            if self._refused_as_too_large(tp, epoch, output, error):
+                return
             self._fatal = f"delivery to {output.topic} failed: {error}"
             return
         self.health.broker_ok = True
         if output.cut is not None:
-            output.cut.state_ref = (message.partition(), message.offset())
+            output.cut.state_refs[output.chunk] = (message.partition(), message.offset())
         elif self.exactly_once:
             return  # completed when produced into the transaction
         state = self.parts.get(tp)
         if state is not None and state.epoch == epoch:
             state.ledger.complete(output.seq)
+
+    def _refused_as_too_large(self, tp: TP, epoch: int, output: Output, error: KafkaError) -> bool:
+        """The broker refused an alert or dead letter as too large (its topic's limit was lowered since
+        start): replace it by a small dead-letter record naming it, instead of stopping on it forever.
+        Exactly-once cannot: the refusal fails the open transaction, which is fatal."""
+        if error.code() != KafkaError.MSG_SIZE_TOO_LARGE or self.exactly_once or output.cut is not None:
+            return False
+        state = self.parts.get(tp)
+        if state is None or state.epoch != epoch:
+            return True  # the partition moved: its next owner replays it
+        if output.topic == self.settings.dlq_topic and output.value == b"":
+            return False  # even the smallest record is refused: nothing more to shed
+        reason = "output_too_large"
+        headers = [(name, value) for name, value in output.headers or [] if name != "logstream.reason"]
+        headers = [("logstream.reason", reason.encode()), *headers,
+                   ("logstream.refused-topic", output.topic.encode()),
+                   ("logstream.refused-size", str(len(output.value)).encode())]
+        log.error("output_refused_too_large", topic=output.topic, bytes=len(output.value), error=str(error),
+                  action=f"dead-lettered as {reason} without its body")
+        self.metrics.dlq_records.labels(reason).inc()
+        self._produce(state, Output(tp, output.seq, self.settings.dlq_topic, output.key, b"", headers))
+        return True
 
     # ==========================================================================================
     # committing
@@ -555,7 +666,12 @@ class Pipeline:
             oldest = state.windower.oldest_open_offset()
             commit_offset = oldest if oldest is not None else state.position
             fence = max(state.position, state.fence)
-            if state.last_committed == (commit_offset, fence):
+            if state.idle_held:  # replay must reach the cut's windows and publish them (see _close_idle_windows)
+                commit_offset = min(commit_offset, state.idle_held[0].first_offset)
+                fence = state.idle_cut_at if state.idle_cut_at is not None else fence
+            if isinstance(state.windower, CountWindower):
+                state.windower.forget_cuts_before(commit_offset)
+            if state.last_committed == (commit_offset, fence) and not state.idle_held:
                 continue
             part = PartitionCut(commit_offset, fence, state.ledger.issued, state.windower.snapshot())
             if part.needs_state_record:
@@ -564,16 +680,20 @@ class Pipeline:
         return cut if cut.partitions else None
 
     def _write_state(self, state: PartitionState, part: PartitionCut) -> None:
-        """Large snapshots go to the state topic; the commit metadata points at the record."""
+        """Large snapshots go to the state topic, split into records that fit; the commit points at them."""
         topic, partition = state.tp
-        seq = state.ledger.issue()
-        part.required_seq = seq
-        part.state_seq = seq
-        body = {"v": 1, "topic": topic, "partition": partition, "commit_offset": part.commit_offset,
-                "fence": part.fence, "snapshot": part.snapshot}
-        key = f"{self.settings.group_id}\x1f{topic}\x1f{partition}".encode()
-        self._produce(state, Output(state.tp, seq, self.settings.resolved_state_topic, key, orjson.dumps(body),
-                                    cut=part))
+        body = orjson.dumps({"v": 1, "topic": topic, "partition": partition, "commit_offset": part.commit_offset,
+                             "fence": part.fence, "snapshot": part.snapshot})
+        size = self.limits.state
+        chunks = [body[start:start + size] for start in range(0, len(body), size)]
+        part.state_refs = [None] * len(chunks)
+        base = f"{self.settings.group_id}\x1f{topic}\x1f{partition}"
+        for index, chunk in enumerate(chunks):
+            seq = state.ledger.issue()
+            part.required_seq = seq
+            key = (base if index == 0 else f"{base}\x1f{index}").encode()  # compaction keeps each record's latest
+            self._produce(state, Output(state.tp, seq, self.settings.resolved_state_topic, key, chunk, cut=part,
+                                        chunk=index))
 
     def _commit(self, cut: Cut) -> bool:
         """Commit a complete cut; returns False when the broker did not take it (retried by a later cut)."""
@@ -604,6 +724,7 @@ class Pipeline:
         log.debug("committed", offsets={f"{tp.topic}/{tp.partition}": tp.offset for tp in offsets})
         if self.exactly_once:
             self._release_held()
+        self._release_idle(live)
         return True
 
     @staticmethod

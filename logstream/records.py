@@ -16,7 +16,7 @@ WindowKind = Literal["count", "session"]
 # partition (a line without a time, such as a stack-trace continuation); the Kafka record's
 # timestamp (no time seen yet on the partition; 0.0 for a file line).
 TimeSource = Literal["line", "inherited", "record"]
-CloseReason = Literal["size", "gap", "max_size", "cap", "end_of_input"]
+CloseReason = Literal["size", "gap", "max_size", "cap", "idle", "end_of_input"]
 
 
 @dataclass(slots=True, frozen=True)

@@ -19,6 +19,7 @@ LogFormat = Literal["hdfs", "bgl", "thunderbird", "liberty", "generic"]
 WindowKind = Literal["session", "count"]
 EmitMode = Literal["anomalous", "all"]
 Guarantee = Literal["at-least-once", "exactly-once"]
+FuturePolicy = Literal["dead-letter", "clamp"]
 
 
 # Measured on the shared HDFS training sample (5,727 blocks over 38.7 h): the longest quiet spell inside
@@ -74,6 +75,11 @@ class Settings(BaseSettings):
         description="largest dead-letter record: a longer original keeps its first bytes, with its full size in "
         "header logstream.original-size (raise together with the topic's max.message.bytes)",
     )
+    alert_max_bytes: int = Field(
+        1_000_000, ge=4096,
+        description="largest alert document: longer templates, sample lines and evidence are cut (marked "
+        "truncated) to fit; lowered at start to what the alerts topic's max.message.bytes takes",
+    )
 
     # --- Windowing ----------------------------------------------------------------------------
     window: WindowKind = Field("count", description="count windows or session windows keyed by block id")
@@ -87,6 +93,28 @@ class Settings(BaseSettings):
     session_grace: float = Field(30.0, ge=0, description="extra event-time seconds allowed for late lines")
     session_max_lines: int = Field(1000, ge=1, description="a session reaching this many lines closes")
     session_max_open: int = Field(100_000, ge=1, description="open sessions per partition; the oldest closes first")
+    window_idle_s: float = Field(
+        300.0, ge=0,
+        description="close the open count windows of a partition after this many seconds without a new line "
+        "(reason idle; the cut is committed before its windows are published, so a replay cuts the same "
+        "windows); 0: never",
+    )
+    max_future_s: float = Field(
+        3600.0, ge=0,
+        description="session windows: a line whose event time is more than this many seconds ahead of its "
+        "partition's stream time (plus the record time elapsed since) is from a wrong clock: --future-policy "
+        "applies; 0: no bound",
+    )
+    future_policy: FuturePolicy = Field(
+        "dead-letter",
+        description="a line past --max-future-s: dead-letter (reason future_timestamp) or clamp (joins with "
+        "the stream's time as its event time)",
+    )
+    future_confirm_lines: int = Field(
+        3, ge=2,
+        description="this many consecutive lines past --max-future-s are a genuine jump of the stream (a gap in a "
+        "backfill), not a wrong clock: the last of them is accepted and moves stream time",
+    )
 
     # --- Detection ----------------------------------------------------------------------------
     detector: str = Field("null", description="detector name: null, novelty, logllm, logllama")

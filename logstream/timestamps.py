@@ -22,8 +22,8 @@ with the stamp. BSD syslog has no year: it is the latest year that puts the stam
 `SYSLOG_FUTURE_SLACK_S` (7 days) after a reference time, the record's Kafka timestamp when it has one
 (so a replay gives the same times), else the time the parser was made (files): a `Dec 31` stamp
 read on Jan 2 is last year's, a `Jan 1` stamp on Dec 30 (a clock slightly ahead) next year's.
-Epoch stamps count only with 10 digits (seconds, 2001-2286) or 13 (milliseconds), so a leading
-count such as `1234 requests` stays content.
+Epoch stamps count only with 10 digits (seconds) or 13 (milliseconds) and a time in 2001-2099
+(`EPOCH_RANGE_S`), so a leading count such as `1234 requests` or `4294967295 bytes` stays content.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import re
 from datetime import datetime, timezone
 
 SYSLOG_FUTURE_SLACK_S = 7 * 86_400.0
+EPOCH_RANGE_S = (1_000_000_000.0, 4_102_444_800.0)  # 2001-09-09 .. 2100-01-01 UTC
 
 _MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 _ISO = r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}(?::?\d{2})?)?"
@@ -113,7 +114,10 @@ def _time(match: re.Match[str], reference: float) -> float:
         return _checked(_strptime_seconds(f"{year} {' '.join(clock.split())}", "%Y %a %b %d %H:%M:%S")) + _fraction(fraction)
     if kind == "clf":
         return _checked(_strptime_seconds(stamp, _CLF_FORMAT))
-    return float(stamp) if len(stamp) != 13 or "." in stamp else int(stamp) / 1000.0  # epoch s or ms
+    seconds = float(stamp) if len(stamp) != 13 or "." in stamp else int(stamp) / 1000.0  # epoch s or ms
+    if not EPOCH_RANGE_S[0] <= seconds < EPOCH_RANGE_S[1]:
+        raise ValueError("a number, not a plausible epoch time")
+    return seconds
 
 
 def leading_timestamp(line: str, reference: float) -> tuple[str, float] | None:

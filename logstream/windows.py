@@ -4,7 +4,10 @@ Both engines are pure functions of the line sequence they are fed (no wall clock
 the same offsets closes the same windows at the same lines, with the same ids.
 
 Count windows: a window starts every `stride` lines and closes when it holds `size` lines
-(stride = size gives the paper's non-overlapping windows; a smaller stride slides).
+(stride = size gives the paper's non-overlapping windows; a smaller stride slides). The caller may
+*cut* a quiet partition (`CountWindower.cut()`, the pipeline's `--window-idle-s`): every open window
+closes after the last line fed (reason `idle`) and the next line starts afresh. The cut is part of the
+state a replay needs (`snapshot()`), so a replay closes the same windows at the same line.
 
 Session windows (Kafka Streams' semantics, in event time): each block id named by a line has its
 own session; a line naming several blocks joins each of them. With `stream_time` the largest event
@@ -15,26 +18,32 @@ time seen on the partition, a session closes
   - on reaching `max_lines`;
   - when opening one more session would exceed `max_open` (the oldest-opened session closes first);
   - on `flush()` at the end of input.
+A line far ahead of the stream (`EventTimeBound`: a node with a wrong clock) is dead-lettered or
+clamped before it can move stream time, so it never drags the other lines into lateness.
 A line for a block with no open session whose event time is already past `stream_time - gap - grace`
 is *late*: its session would already have been closed. Late keys are reported to the caller, which
 counts and logs them; a line that joined no window at all goes to the dead-letter topic.
 
 Exact replay after a restart: the pipeline commits the offset of the oldest open window and keeps a
-snapshot (open block ids with their first offsets, stream time) for the offsets in between. Fed the
+snapshot (open block ids with their first offsets, stream time, the event-time bound's state at the
+oldest open session) for the offsets in between. Fed the
 lines again from that offset up to the fence, `SessionWindower.restore()` rebuilds exactly the
 sessions that were open, ignoring the lines of sessions that had already closed and been published.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from logstream.records import CloseReason, LogLine, Window
 
 _NO_TIME = float("-inf")
+
+FuturePolicy = Literal["dead-letter", "clamp"]
 
 
 @dataclass(slots=True)
@@ -45,13 +54,80 @@ class AddResult:
     late_keys: tuple[str, ...] = ()
     joined: int = 0
     opened: int = 0  # windows this line started (metrics: windows opened)
+    future: bool = False  # refused by the event-time bound (the caller dead-letters it as future_timestamp)
+    clamped: bool = False  # joined with its event time clamped by the event-time bound
+
+
+class EventTimeBound:
+    """How far ahead of a partition's stream a line's event time may be (one wrong clock must not win).
+
+    The reference is the stream time S (largest accepted event time) plus the record time that has
+    passed since the line that set S was written (Kafka record timestamps, seconds): a partition that
+    was quiet for two days accepts the next day's lines, while in a backfill (records written much
+    faster than the events happened) the reference stays at S. A line more than `max_future` seconds
+    past the reference is refused (`admit` returns None) or, with policy `clamp`, given the reference
+    as its event time. `confirm` consecutive lines past the reference are a genuine jump (a gap in a
+    sampled dump, a backfill over a quiet spell): the last of them is accepted and moves S. Before
+    the first line there is no reference: it is accepted as is.
+
+    State is three numbers (`state()` / `from_state`), kept with the windows so a replay from any
+    cut makes the same decisions.
+    """
+
+    __slots__ = ("max_future", "policy", "confirm", "stream_time", "stream_record_time", "run")
+
+    def __init__(self, max_future: float, policy: FuturePolicy = "dead-letter", confirm: int = 3) -> None:
+        if max_future <= 0:
+            raise ValueError(f"max_future must be positive, got {max_future}")
+        if confirm < 2:
+            raise ValueError(f"confirm must be at least 2 (1 would accept every line), got {confirm}")
+        self.max_future, self.policy, self.confirm = max_future, policy, confirm
+        self.stream_time = _NO_TIME
+        self.stream_record_time: float | None = None
+        self.run = 0  # consecutive lines past the reference so far
+
+    def admit(self, event_time: float, record_time: float | None = None) -> float | None:
+        """The event time the line enters the windows with, or None when it is refused."""
+        if self.stream_time == _NO_TIME:
+            self._advance(event_time, record_time)
+            return event_time
+        reference = self.stream_time
+        if record_time is not None and self.stream_record_time is not None and record_time > self.stream_record_time:
+            reference += record_time - self.stream_record_time
+        if event_time <= reference + self.max_future:
+            self.run = 0
+            self._advance(event_time, record_time)
+            return event_time
+        self.run += 1
+        if self.run >= self.confirm:  # not one clock: the stream itself jumped
+            self.run = 0
+            self._advance(event_time, record_time)
+            return event_time
+        if self.policy == "clamp":
+            self._advance(reference, record_time)
+            return reference
+        return None
+
+    def _advance(self, event_time: float, record_time: float | None) -> None:
+        if event_time > self.stream_time:
+            self.stream_time = event_time
+            self.stream_record_time = record_time
+
+    def state(self) -> list[float | int | None]:
+        return [None if self.stream_time == _NO_TIME else self.stream_time, self.stream_record_time, self.run]
+
+    def restore_state(self, state: list[Any]) -> None:
+        stream_time, record_time, run = state
+        self.stream_time = _NO_TIME if stream_time is None else float(stream_time)
+        self.stream_record_time = None if record_time is None else float(record_time)
+        self.run = int(run)
 
 
 class Windower(Protocol):
     """Per-partition window state. Not thread-safe: owned by the poll loop."""
 
-    def add(self, line: LogLine) -> AddResult:
-        """Feed the next line of the partition (offsets increase)."""
+    def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
+        """Feed the next line of the partition (offsets increase); `record_time`: its Kafka timestamp, seconds."""
 
     def flush(self) -> list[Window]:
         """Close every open window (end of input), oldest first."""
@@ -62,12 +138,15 @@ class Windower(Protocol):
     def snapshot(self) -> dict[str, Any] | None:
         """What a replay from `oldest_open_offset()` needs besides the lines (None: nothing)."""
 
+    def restore(self, snapshot: dict[str, Any], fence: int) -> None:
+        """Before a replay: the state `snapshot()` gave; lines below `fence` were handled already."""
+
     @property
     def open_windows(self) -> int: ...
 
 
 class CountWindower:
-    """Windows of `size` lines starting every `stride` lines."""
+    """Windows of `size` lines starting every `stride` lines; quiet partitions can be cut (`cut()`)."""
 
     def __init__(self, topic: str, partition: int, size: int = 100, stride: int | None = None) -> None:
         stride = stride or size
@@ -77,8 +156,10 @@ class CountWindower:
         self._key = f"{topic}/{partition}"
         self._open: deque[list[LogLine]] = deque()
         self._until_next_start = 0
+        self._last_offset: int | None = None
+        self._cuts: set[int] = set()  # offsets after which a cut closed every open window
 
-    def add(self, line: LogLine) -> AddResult:
+    def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
         opened = 0
         if self._until_next_start == 0:
             self._open.append([])
@@ -87,38 +168,65 @@ class CountWindower:
         self._until_next_start -= 1
         for lines in self._open:
             lines.append(line)
+        self._last_offset = line.offset
         result = AddResult(joined=len(self._open), opened=opened)
         if len(self._open[0]) == self.size:
             result.closed.append(self._window(self._open.popleft(), "size"))
+        if line.offset in self._cuts:  # replaying past a recorded cut: close where it closed
+            result.closed.extend(self._close_all("idle"))
         return result
 
+    def cut(self) -> list[Window]:
+        """Close every open window after the last line fed (reason `idle`); the cut is kept for replay."""
+        if not self._open or self._last_offset is None:
+            return []
+        self._cuts.add(self._last_offset)
+        return self._close_all("idle")
+
+    @property
+    def last_offset(self) -> int | None:
+        """Offset of the last line fed (where a cut now would fall)."""
+        return self._last_offset
+
+    def forget_cuts_before(self, offset: int) -> None:
+        """Cuts below a committed offset are never replayed again."""
+        self._cuts = {cut for cut in self._cuts if cut >= offset}
+
     def flush(self) -> list[Window]:
-        windows = [self._window(lines, "end_of_input") for lines in self._open]
-        self._open.clear()
-        self._until_next_start = 0
-        return windows
+        return self._close_all("end_of_input")
 
     def oldest_open_offset(self) -> int | None:
         return self._open[0][0].offset if self._open else None
 
     def snapshot(self) -> dict[str, Any] | None:
-        return None  # windows start at the replay offset and every `stride` lines after: nothing to keep
+        # windows start at the replay offset and every `stride` lines after, except after a cut
+        return {"cuts": sorted(self._cuts)} if self._cuts else None
+
+    def restore(self, snapshot: dict[str, Any], fence: int) -> None:
+        self._cuts = {int(offset) for offset in snapshot.get("cuts", ())}
 
     @property
     def open_windows(self) -> int:
         return len(self._open)
+
+    def _close_all(self, reason: CloseReason) -> list[Window]:
+        windows = [self._window(lines, reason) for lines in self._open]
+        self._open.clear()
+        self._until_next_start = 0
+        return windows
 
     def _window(self, lines: list[LogLine], reason: CloseReason) -> Window:
         return Window("count", self._key, self.topic, self.partition, lines, reason)
 
 
 class _Session:
-    __slots__ = ("lines", "last_event", "generation")
+    __slots__ = ("lines", "last_event", "generation", "bound_before")
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, bound_before: list[Any] | None) -> None:
         self.lines: list[LogLine] = []
         self.last_event = _NO_TIME
         self.generation = generation
+        self.bound_before = bound_before  # the event-time bound's state before the first line (replay start)
 
 
 class SessionWindower:
@@ -132,9 +240,11 @@ class SessionWindower:
         grace: float = 30.0,
         max_lines: int = 1000,
         max_open: int = 100_000,
+        bound: EventTimeBound | None = None,
     ) -> None:
         self.topic, self.partition = topic, partition
         self.gap, self.grace, self.max_lines, self.max_open = gap, grace, max_lines, max_open
+        self.bound = bound
         self._open: dict[str, _Session] = {}  # insertion order = opening order = first-offset order
         self._expiry: list[tuple[float, int, str]] = []  # (deadline, generation, key), stale entries skipped
         self._generation = 0
@@ -152,6 +262,8 @@ class SessionWindower:
         self._fence = fence
         stream_time = snapshot.get("stream_time")
         self._stream_time = _NO_TIME if stream_time is None else float(stream_time)
+        if self.bound is not None and snapshot.get("bound") is not None:
+            self.bound.restore_state(snapshot["bound"])
 
     @property
     def restoring(self) -> bool:
@@ -168,7 +280,7 @@ class SessionWindower:
             self._schedule(key, session)
         return missing
 
-    def _replay(self, line: LogLine) -> None:
+    def _replay(self, line: LogLine, bound_before: list[Any] | None) -> None:
         assert self._restoring is not None
         for key in line.block_ids:
             first = self._restoring.get(key)
@@ -177,19 +289,29 @@ class SessionWindower:
             session = self._open.get(key)
             if session is None:
                 self._generation += 1
-                session = self._open[key] = _Session(self._generation)
+                session = self._open[key] = _Session(self._generation, bound_before)
             session.lines.append(line)
             session.last_event = max(session.last_event, line.event_time)
 
     # --- streaming ----------------------------------------------------------------------------
 
-    def add(self, line: LogLine) -> AddResult:
+    def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
+        bound_before = None
+        clamped = False
+        if self.bound is not None:
+            bound_before = self.bound.state()
+            admitted = self.bound.admit(line.event_time, record_time)
+            if admitted is None:
+                return AddResult(future=True)
+            if admitted != line.event_time:
+                line = dataclasses.replace(line, event_time=admitted)
+                clamped = True
         if self._restoring is not None:
             if line.offset < self._fence:
-                self._replay(line)
+                self._replay(line, bound_before)
                 return AddResult()
             self.finish_restore()
-        result = AddResult()
+        result = AddResult(clamped=clamped)
         now = line.event_time
         if now > self._stream_time:
             self._stream_time = now
@@ -207,7 +329,7 @@ class SessionWindower:
                 if len(self._open) >= self.max_open:
                     result.closed.append(self._close(next(iter(self._open)), "cap"))
                 self._generation += 1
-                session = self._open[key] = _Session(self._generation)
+                session = self._open[key] = _Session(self._generation, bound_before)
                 result.opened += 1
             session.lines.append(line)
             result.joined += 1
@@ -236,10 +358,14 @@ class SessionWindower:
     def snapshot(self) -> dict[str, Any] | None:
         if self._restore_snapshot is not None:
             return self._restore_snapshot  # not rebuilt yet: the state is still the restored one
-        return {
+        snapshot: dict[str, Any] = {
             "stream_time": self._stream_time if self._stream_time != _NO_TIME else None,
             "open": [[key, session.lines[0].offset] for key, session in self._open.items()],
         }
+        if self.bound is not None:  # its state where the replay starts: at the oldest open session, else now
+            oldest = next(iter(self._open.values()), None)
+            snapshot["bound"] = oldest.bound_before if oldest is not None else self.bound.state()
+        return snapshot
 
     @property
     def open_windows(self) -> int:
@@ -287,10 +413,14 @@ def make_windower(
     grace: float = 30.0,
     max_lines: int = 1000,
     max_open: int = 100_000,
+    max_future: float | None = None,
+    future_policy: FuturePolicy = "dead-letter",
+    future_confirm: int = 3,
 ) -> CountWindower | SessionWindower:
-    """The engine for one partition, by window kind."""
+    """The engine for one partition, by window kind (`max_future`: seconds, session windows; None: no bound)."""
     if kind == "count":
         return CountWindower(topic, partition, size, stride)
     if kind == "session":
-        return SessionWindower(topic, partition, gap, grace, max_lines, max_open)
+        bound = EventTimeBound(max_future, future_policy, future_confirm) if max_future else None
+        return SessionWindower(topic, partition, gap, grace, max_lines, max_open, bound)
     raise ValueError(f"unknown window kind {kind!r}; choose count or session")

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logstream.alerts import build_alert
 from logstream.detectors.novelty import NoveltyDetector
@@ -221,7 +223,7 @@ def test_the_same_event_on_another_day_has_the_same_template(first: str, second:
 
 
 @pytest.mark.parametrize("line", [
-    "1234 requests served", "17000000000 eleven digits", "Nov 31 04:12:01 no such day", "2024-13-02 03:04:05 bad month",
+    "1234 requests served", "17000000000 eleven digits", "4294967295 bytes free", "9999999999999 ms", "Nov 31 04:12:01 no such day", "2024-13-02 03:04:05 bad month",
     "2024-01-02T03:04:05Zworker glued", "[10/Foo/2000:13:55:36 -0700] bad month", "Monday morning", "",
 ])
 def test_what_is_not_a_timestamp_stays_content(line: str) -> None:
@@ -292,3 +294,30 @@ def test_the_alert_says_how_many_lines_had_no_time_of_their_own() -> None:
         "first": "2024-01-02T09:02:00Z", "last": "2026-11-30T12:00:00Z", "inherited_lines": 2, "record_time_lines": 1}
     stamped = Window("count", "t/0", "t", 0, lines[1:2], "size")
     assert set(build_alert(stamped, Verdict(False, 0.0), "null", "1")["event_time"]) == {"first", "last"}
+
+
+MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+DAYS_OF_WEEK = "Mon Tue Wed Thu Fri Sat Sun".split()
+RENDER = {  # style -> (text of the stamp for a UTC time, how precisely it gives the time back)
+    "iso": (lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), 1e-6),
+    "iso offset": (lambda t: t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00"), 1.0),
+    "log4j": (lambda t: t.strftime("%Y-%m-%d %H:%M:%S,") + f"{t.microsecond // 1000:03d}", 1e-3),
+    "rfc5424": (lambda t: "<165>1 " + t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), 1e-6),
+    "bsd": (lambda t: f"{MONTHS[t.month - 1]} {t.day:2d} " + t.strftime("%H:%M:%S"), 1.0),
+    "nginx": (lambda t: t.strftime("%Y/%m/%d %H:%M:%S"), 1.0),
+    "apache error": (lambda t: f"[{DAYS_OF_WEEK[t.weekday()]} {MONTHS[t.month - 1]} {t.day:02d} "
+                               + t.strftime("%H:%M:%S.%f %Y]"), 1e-6),
+    "access": (lambda t: t.strftime("[%d/") + MONTHS[t.month - 1] + t.strftime("/%Y:%H:%M:%S +0000]"), 1.0),
+    "epoch": (lambda t: str(int(t.timestamp())), 1.0),
+    "epoch ms": (lambda t: str(int(t.timestamp() * 1000)), 1e-3),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(RENDER)),
+       st.datetimes(min_value=datetime(2002, 1, 1), max_value=datetime(2099, 12, 31), timezones=st.just(timezone.utc)))
+def test_every_style_reads_back_the_time_it_was_written_with(style: str, when: datetime) -> None:
+    render, precision = RENDER[style]
+    found = leading_timestamp(f"{render(when)} worker ready", reference=when.timestamp())
+    assert found is not None and found[0] == "worker ready"
+    assert when.timestamp() - precision < found[1] <= when.timestamp() + 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logstream.records import LogLine, Window
-from logstream.windows import CountWindower, SessionWindower, make_windower
+from logstream.windows import CountWindower, EventTimeBound, SessionWindower, make_windower
 
 
 def line(offset: int, t: float = 0.0, blocks: tuple[str, ...] = (), template: str = "msg <*>") -> LogLine:
@@ -198,3 +199,149 @@ def test_session_windows_match_a_groupby_on_real_hdfs_lines() -> None:
             expected[block].append(item.offset)
     assert {w.key: [ln.offset for ln in w.lines] for w in windows} == expected
     assert len(windows) == 2200  # distinct blocks in HDFS_2k (shared/data/README.md)
+
+
+# --- event-time bound (a line from a clock far ahead) -------------------------------------------------
+
+
+def bounded(policy: str = "dead-letter", **kwargs: float) -> SessionWindower:
+    return SessionWindower("t", 0, gap=10, grace=5, bound=EventTimeBound(3600, policy, 3), **kwargs)
+
+
+def test_a_line_far_ahead_is_refused_and_does_not_move_stream_time() -> None:
+    windower = bounded()
+    feed(windower, [line(0, 100, ("a",)), line(1, 101, ("b",))])
+    far = windower.add(line(2, 100 + 2 * 86_400, ("c",)))
+    assert far.future and far.joined == 0 and windower.stream_time == 101
+    after = windower.add(line(3, 102, ("a",)))
+    assert not after.future and after.joined == 1 and not after.late_keys
+    windows = windower.flush()
+    assert {w.key: [ln.offset for ln in w.lines] for w in windows} == {"a": [0, 3], "b": [1]}
+
+
+def test_clamp_policy_joins_the_line_at_the_stream_time() -> None:
+    windower = bounded("clamp")
+    feed(windower, [line(0, 100, ("a",))])
+    result = windower.add(line(1, 100 + 2 * 86_400, ("b",)))
+    assert result.clamped and not result.future and result.joined == 1
+    assert windower.stream_time == 100
+    (b,) = [w for w in windower.flush() if w.key == "b"]
+    assert b.lines[0].event_time == 100 and b.lines[0].offset == 1
+
+
+def test_record_time_moves_the_reference_so_a_quiet_partition_accepts_later_lines() -> None:
+    bound = EventTimeBound(3600, "dead-letter", 3)
+    assert bound.admit(1_000.0, record_time=1_000.0) == 1_000.0
+    # two days of silence, then the next line: written two days later too
+    assert bound.admit(1_000.0 + 2 * 86_400, record_time=1_000.0 + 2 * 86_400) is not None
+    # a backfill (records written within a second) with a line two days ahead: refused
+    backfill = EventTimeBound(3600, "dead-letter", 3)
+    backfill.admit(1_000.0, record_time=5e9)
+    assert backfill.admit(1_000.0 + 2 * 86_400, record_time=5e9 + 0.1) is None
+
+
+def test_consecutive_lines_past_the_bound_are_a_genuine_jump() -> None:
+    bound = EventTimeBound(3600, "dead-letter", 3)
+    bound.admit(0.0)
+    assert bound.admit(86_400.0) is None and bound.admit(86_401.0) is None
+    assert bound.admit(86_402.0) == 86_402.0  # the third in a row: the stream jumped (a gap in a sampled dump)
+    assert bound.stream_time == 86_402.0 and bound.admit(86_403.0) == 86_403.0
+    # a single wrong clock between correct lines never builds a run
+    for t in (86_404.0, 900_000.0, 86_405.0, 900_001.0, 86_406.0):
+        admitted = bound.admit(t)
+        assert (admitted is None) == (t > 800_000)
+
+
+def test_the_issue_input_seven_hdfs_lines_one_from_two_days_ahead() -> None:
+    from logstream.parsing import LineParser
+    from tests.hardening_inputs import CLOCK_AHEAD_HDFS
+
+    parser = LineParser("hdfs")
+    lines = [parser.parse(text.encode(), topic="t", partition=0, offset=i, record_time=0.0)
+             for i, text in enumerate(CLOCK_AHEAD_HDFS)]
+    windower = make_windower("session", "t", 0, gap=300, grace=30, max_future=3600)
+    results = [windower.add(item, record_time=1e9) for item in lines]
+    assert [r.future for r in results] == [False, False, False, True, False, False, False]
+    assert not any(r.late_keys for r in results)
+    windows = windower.flush()
+    assert {w.key: [ln.offset for ln in w.lines] for w in windows} == {
+        "blk_38865049064139660": [0, 4], "blk_-6952295868487656571": [1, 2, 6], "blk_7128370237687728475": [5]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=session_lines, data=st.data())
+def test_bounded_session_replay_from_a_cut_rebuilds_the_same_windows(spec: list, data: st.DataObject) -> None:
+    lines = build(spec)
+    # some lines come from a clock far ahead: alone, in pairs, or in runs that confirm a jump
+    jumps = data.draw(st.lists(st.integers(0, len(lines) - 1), max_size=6))
+    for index in jumps:
+        lines[index] = dataclasses.replace(lines[index], event_time=lines[index].event_time + 10_000)
+    policy = data.draw(st.sampled_from(["dead-letter", "clamp"]))
+    confirm = data.draw(st.integers(2, 3))
+
+    def make() -> SessionWindower:
+        return SessionWindower("t", 0, gap=20.0, grace=5.0, max_lines=7, max_open=3,
+                               bound=EventTimeBound(100.0, policy, confirm))
+
+    reference = make()
+    ref_windows = feed(reference, lines) + reference.flush()
+    cut_at = data.draw(st.integers(0, len(lines)))
+    first = make()
+    emitted = feed(first, lines[:cut_at])
+    fence = lines[cut_at].offset if cut_at < len(lines) else lines[-1].offset + 1
+    commit = first.oldest_open_offset()
+    commit = fence if commit is None else commit
+    second = make()
+    second.restore(first.snapshot(), fence)
+    replay = [ln for ln in lines if ln.offset >= commit]
+    assert all(not second.add(ln).closed for ln in replay if ln.offset < fence)
+    emitted += feed(second, [ln for ln in replay if ln.offset >= fence]) + second.flush()
+    assert ids(emitted) == ids(ref_windows)
+    assert [[ln.event_time for ln in w.lines] for w in emitted] == [[ln.event_time for ln in w.lines]
+                                                                    for w in ref_windows]
+
+
+# --- idle cuts of count windows -------------------------------------------------------------------
+
+
+def test_a_cut_closes_the_partial_windows_and_the_next_line_starts_afresh() -> None:
+    windower = CountWindower("t", 0, 50, 25)
+    assert feed(windower, [line(i) for i in range(30)]) == []
+    cut = windower.cut()
+    assert [(w.first_offset, w.last_offset, w.close_reason) for w in cut] == [(0, 29, "idle"), (25, 29, "idle")]
+    assert windower.open_windows == 0 and windower.cut() == []
+    windows = feed(windower, [line(i) for i in range(30, 80)])
+    assert [(w.first_offset, w.last_offset) for w in windows] == [(30, 79)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 120), size=st.integers(1, 15), data=st.data())
+def test_count_replay_after_idle_cuts_rebuilds_the_same_windows(n: int, size: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, size))
+    lines = [line(i * 2) for i in range(n)]
+    cut_after = set(data.draw(st.lists(st.integers(0, n - 1), max_size=5)))
+
+    def run(windower: CountWindower, items: list[LogLine]) -> list[Window]:
+        out: list[Window] = []
+        for item in items:
+            out.extend(windower.add(item).closed)
+            if item.offset // 2 in cut_after:
+                out.extend(windower.cut())
+        return out
+
+    reference = CountWindower("t", 0, size, stride)
+    ref_windows = run(reference, lines) + reference.flush()
+    stop = data.draw(st.integers(0, n))
+    first = CountWindower("t", 0, size, stride)
+    emitted = run(first, lines[:stop])
+    fence = lines[stop].offset if stop < n else lines[-1].offset + 1
+    commit = first.oldest_open_offset()
+    commit = fence if commit is None else commit
+    first.forget_cuts_before(commit)
+    snapshot = first.snapshot()
+    second = CountWindower("t", 0, size, stride)
+    if snapshot is not None:
+        second.restore(snapshot, fence)
+    assert feed(second, [ln for ln in lines if commit <= ln.offset < fence]) == []
+    emitted += run(second, [ln for ln in lines if ln.offset >= fence]) + second.flush()
+    assert ids(emitted) == ids(ref_windows)
