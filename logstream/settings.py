@@ -20,6 +20,8 @@ WindowKind = Literal["session", "count"]
 EmitMode = Literal["anomalous", "all"]
 Guarantee = Literal["at-least-once", "exactly-once"]
 FuturePolicy = Literal["dead-letter", "clamp"]
+DetectorName = Literal["logllm", "logllama", "novelty", "null"]
+LogLLMEvidence = Literal["occlusion", "gradient", "attention", "mixed", "off"]  # logstream.attribution
 
 
 # Measured on the shared HDFS training sample (5,727 blocks over 38.7 h): the longest quiet spell inside
@@ -30,8 +32,16 @@ DEFAULT_SESSION_GAP_S = 300.0
 
 
 def default_cache_dir() -> Path:
-    """Where prepared models and the embedded broker's data live unless told otherwise."""
-    return Path.home() / ".cache" / "logstream"
+    """Where prepared models and the embedded broker's data live unless told otherwise.
+
+    With no HOME (and no passwd entry) this is `~/.cache/logstream` unexpanded; the commands that
+    write to it refuse it with a sentence (`basemodels.writable_cache_dir`).
+    """
+    try:
+        home = Path.home()
+    except RuntimeError:
+        home = Path("~")
+    return home / ".cache" / "logstream"
 
 
 class Settings(BaseSettings):
@@ -117,8 +127,15 @@ class Settings(BaseSettings):
     )
 
     # --- Detection ----------------------------------------------------------------------------
-    detector: str = Field("null", description="detector name: null, novelty, logllm, logllama")
-    model: Path | None = Field(None, description="detector artifact (file or directory)")
+    detector: DetectorName | None = Field(
+        None,
+        description="required by `logstream run`: logllm (trained LogLLM artifact), logllama (unsupervised "
+        "next-key model), novelty (unseen-template model), or null (judges every window normal: never alerts; "
+        "for plumbing checks)",
+    )
+    model: Path | None = Field(
+        None, description="detector artifact: a directory (logllm, logllama) or a JSON file (novelty)"
+    )
     emit: EmitMode = Field("anomalous", description="publish anomalous windows only, or every verdict")
     batch_size: int = Field(16, ge=1, description="windows scored together")
     batch_max_wait_ms: int = Field(50, ge=0, description="how long a partial batch waits for more windows")

@@ -68,6 +68,13 @@ class NoveltyDetector:
                 f"novelty model {path} not found; fit one with `logstream novelty fit --format F --input LOG "
                 f"--output {path}`"
             ) from None
+        except IsADirectoryError:
+            raise DetectorNotReady(
+                f"novelty model {path} is a directory; --model for novelty is the JSON file written by "
+                "`logstream novelty fit --output FILE` (a directory is a logllm or logllama artifact)"
+            ) from None
+        except OSError as exc:
+            raise DetectorNotReady(f"cannot read novelty model {path}: {exc.strerror or exc}") from None
         except orjson.JSONDecodeError as exc:
             raise DetectorNotReady(f"novelty model {path} is not valid JSON: {exc}") from None
         if not isinstance(body, dict) or body.get("kind") != ARTIFACT_KIND:

@@ -157,8 +157,8 @@ def test_three_consumers_with_a_kill_and_a_join_publish_every_window_once(bootst
     lines = [BGL[i % len(BGL)] for i in range(total)]
     common = ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--alerts-topic", f"{topic}.alerts",
               "--dlq-topic", f"{topic}.dlq", "--group-id", f"{topic}.g", "--format", "bgl", "--window-size",
-              str(window), "--emit", "all", "--guarantee", "exactly-once", "--commit-interval-s", "0.5",
-              "--max-poll-interval-ms", "10000", "--session-timeout-ms", "6000"]
+              str(window), "--detector", "null", "--emit", "all", "--guarantee", "exactly-once",
+              "--commit-interval-s", "0.5", "--max-poll-interval-ms", "10000", "--session-timeout-ms", "6000"]
 
     # explicit partitions keep every partition at whole windows
     def feed_partitioned() -> None:
