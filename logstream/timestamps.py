@@ -47,10 +47,11 @@ _PREFIX = re.compile(
     rf"|\[(?P<ctime>(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} {{1,2}}\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})? \d{{4}})\]"
     rf"|\[(?P<clf>{_CLF})\]"
     r"|(?P<epoch>\d{10}(?:\.\d{1,9})?|\d{13})"
-    r")(?:\s+|$)"
+    r")(?:\s+|$)",
+    re.ASCII,  # stamps are ASCII: other scripts' digits are content
 )
 # An access log (Common/Combined Log Format) puts its stamp after `host ident authuser`.
-_ACCESS_LOG = re.compile(rf"(\S+ \S+ \S+ )\[({_CLF})\](?:\s+|$)")
+_ACCESS_LOG = re.compile(rf"(\S+ \S+ \S+ )\[({_CLF})\](?:\s+|$)", re.ASCII)
 
 
 _CLF_FORMAT = "%d/%b/%Y:%H:%M:%S %z"

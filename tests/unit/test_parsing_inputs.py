@@ -223,7 +223,8 @@ def test_the_same_event_on_another_day_has_the_same_template(first: str, second:
 
 
 @pytest.mark.parametrize("line", [
-    "1234 requests served", "17000000000 eleven digits", "4294967295 bytes free", "9999999999999 ms", "Nov 31 04:12:01 no such day", "2024-13-02 03:04:05 bad month",
+    "1234 requests served", "17000000000 eleven digits", "4294967295 bytes free", "9999999999999 ms",
+    "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660 Arabic-Indic digits", "Nov 31 04:12:01 no such day", "2024-13-02 03:04:05 bad month",
     "2024-01-02T03:04:05Zworker glued", "[10/Foo/2000:13:55:36 -0700] bad month", "Monday morning", "",
 ])
 def test_what_is_not_a_timestamp_stays_content(line: str) -> None:
