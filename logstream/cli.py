@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--file", type=Path, required=True, help="log file (.gz allowed)")
     produce.add_argument("--partitions", type=int, default=1, help="partitions when the topic is created")
     produce.add_argument("--key", choices=["none", "block"], default="none",
-                         help="record key: none, or the line's first block id (keeps a block on one partition)")
+                         help="none, or block: each line to the partition of its block id (crc32), keyed by it; a "
+                         "line naming blocks on several partitions goes to each (headers logstream.blocks, "
+                         "logstream.copy-of), so every block's session gets all its lines once")
     produce.add_argument("--rate", type=float, default=0.0, help="lines per second (0: as fast as possible)")
     produce.add_argument("--limit", type=int, default=None, help="stop after this many lines")
     produce.set_defaults(func=cmd_produce)

@@ -42,7 +42,7 @@ from logstream.metrics import Health, Metrics
 from logstream.outputs import MAX_ERROR_CHARS, MAX_KEY_BYTES, STATE_CHUNK_BYTES, OutputLimits, output_limits
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine, Window
-from logstream.repartition import BLOCKS_HEADER
+from logstream.repartition import BLOCKS_HEADER, COPY_HEADER
 from logstream.scoring import ScoreJob, ScoreResult, ScoringWorker
 from logstream.settings import Settings
 from logstream.windows import CountWindower, make_windower
@@ -407,6 +407,9 @@ class Pipeline:
         replay = offset < state.fence
         if replay:
             state.replay_counter.inc()
+        copy = self._is_copy(message)
+        if copy and not self._session_windows:
+            return  # a multi-block line counts once, in its primary copy (see repartition.route)
         topic, partition = state.tp
         try:
             line = self.parser.parse(
@@ -414,6 +417,8 @@ class Pipeline:
                 record_time=message.timestamp()[1] / 1000.0,
             )
         except BadRecord as exc:
+            if copy:
+                return  # dead-lettered once, from the primary copy
             self.metrics.parse_errors.labels(exc.reason).inc()
             if not replay:
                 self._dead_letter(state, message, exc.reason, exc.detail)
@@ -444,8 +449,14 @@ class Pipeline:
                 self._submit(state, result.closed)
 
     @staticmethod
+    def _is_copy(message: Message) -> bool:
+        """A second copy of a line naming blocks on several partitions (`produce --key block`, `repartition`)."""
+        headers = message.headers()
+        return bool(headers) and any(name == COPY_HEADER for name, _ in headers)
+
+    @staticmethod
     def _routed_blocks(message: Message, line: LogLine) -> LogLine:
-        """A line re-keyed by `logstream repartition` belongs only to the blocks routed to this partition."""
+        """A line routed by block id (`repartition`, `produce --key block`) belongs only to the blocks routed here."""
         headers = message.headers()
         if not headers:
             return line

@@ -6,7 +6,10 @@ lines land on several partitions and no single consumer sees the whole session. 
 reads the raw topic and writes every line to the partition of each block it names. A line naming
 blocks that map to different partitions is written once per partition, with the header
 `logstream.blocks` listing only the blocks routed there, so each session sees the line exactly once
-and no partition opens sessions for blocks it does not own. `logstream run` honours that header.
+and no partition opens sessions for blocks it does not own; every copy but the one on the partition
+of the line's first block also carries `logstream.copy-of` (that partition), so count windows and
+the dead-letter topic take the line once. `logstream run` honours both headers, and `logstream
+produce --key block` writes the same records (`route`), so either path gives each block one session.
 
 Partition of a block = crc32(block id) mod partitions: stable across restarts, clients and languages.
 Lines without a block id keep their raw partition (mod the internal topic's partitions); the
@@ -19,34 +22,67 @@ at-least-once a crash can repeat lines, which would appear twice in their sessio
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import zlib
-from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from logstream.kafka import consumer_config, ensure_topics, partitions_of, producer_config
 from logstream.logs import get_logger
+from logstream.parsing import block_ids
 from logstream.settings import Settings
 
 log = get_logger(__name__)
 
-BLOCKS_HEADER = "logstream.blocks"
-_BLOCK_ID = re.compile(rb"blk_-?\d+")
+BLOCKS_HEADER = "logstream.blocks"  # the blocks of a multi-block line this record carries
+COPY_HEADER = "logstream.copy-of"  # on every copy but the primary: the primary's partition
 CONSUME_BATCH = 500
 
 
-def route(value: bytes | None, raw_partition: int, partitions: int) -> dict[int, list[bytes]]:
-    """Target partition -> the block ids of this line routed there (empty list: no block id)."""
-    found = list(dict.fromkeys(_BLOCK_ID.findall(value or b"")))
-    if not found:
-        return {raw_partition % partitions: []}
-    targets: dict[int, list[bytes]] = defaultdict(list)
-    for block in found:
-        targets[zlib.crc32(block) % partitions].append(block)
-    return targets
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """One record carrying a line: where it goes (None: the producer's partitioner), key, headers."""
+
+    partition: int | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]] | None
+
+
+def block_partition(block: str, partitions: int) -> int:
+    """crc32 of the block id modulo the partitions: the same for every client, restart and language."""
+    return zlib.crc32(block.encode()) % partitions
+
+
+def route(value: bytes | None, partitions: int, unkeyed_partition: int | None = None,
+          key: bytes | None = None) -> list[Routed]:
+    """The records that carry one line keyed by block id, the primary copy first.
+
+    One record per partition owning some of the line's blocks (`parsing.block_ids`), keyed by the
+    first block routed there. A line naming several blocks carries `BLOCKS_HEADER` on each record,
+    and `COPY_HEADER` on all but the primary (the partition of its first block). A line without a
+    block id keeps `key` and goes to `unkeyed_partition`.
+    """
+    blocks = block_ids(value.decode("utf-8", "replace")) if value else ()
+    if not blocks:
+        return [Routed(unkeyed_partition, key, None)]
+    targets: dict[int, list[str]] = {}
+    for block in blocks:
+        targets.setdefault(block_partition(block, partitions), []).append(block)
+    primary = block_partition(blocks[0], partitions)
+    return [Routed(partition, here[0].encode(), _headers(blocks, here, partition, primary))
+            for partition, here in targets.items()]
+
+
+def _headers(blocks: Sequence[str], here: list[str], partition: int, primary: int) -> list[tuple[str, bytes]] | None:
+    if len(blocks) < 2:
+        return None
+    headers = [(BLOCKS_HEADER, ",".join(here).encode())]
+    if partition != primary:
+        headers.append((COPY_HEADER, str(primary).encode()))
+    return headers
 
 
 class Repartitioner:
@@ -125,16 +161,14 @@ class Repartitioner:
                 continue
             self._at_end.discard(tp)
             value = message.value()
-            for partition, blocks in route(value, message.partition(), self.partitions).items():
-                headers = [(BLOCKS_HEADER, b",".join(blocks))] if blocks else None
-                key = blocks[0] if blocks else message.key()
-                self._produce(partition, key, value, headers, message.timestamp()[1])
+            for target in route(value, self.partitions, message.partition() % self.partitions, message.key()):
+                self._produce(target.partition, target.key, value, target.headers, message.timestamp()[1])
             self.positions[tp] = message.offset() + 1
             self.forwarded += 1
         self.producer.poll(0)
         return self._owned <= self._at_end
 
-    def _produce(self, partition: int, key: bytes | None, value: bytes | None, headers: list | None,
+    def _produce(self, partition: int | None, key: bytes | None, value: bytes | None, headers: list | None,
                  timestamp: int) -> None:
         while True:
             try:

@@ -13,7 +13,9 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from logstream.producer import produce_file
 from logstream.records import Verdict, Window, window_id
+from logstream.repartition import BLOCKS_HEADER, COPY_HEADER, Repartitioner, block_partition
 from tests.hardening_inputs import CLOCK_AHEAD_HDFS, CLOCK_AHEAD_INDEX
 from tests.kafkatools import (
     SAMPLES,
@@ -214,3 +216,61 @@ def test_a_session_snapshot_larger_than_a_state_record_is_split_and_replayed_exa
     assert run_once(reference) == 0
     expected = Counter(a["alert_id"] for a in read_alerts(bootstrap, reference.alerts_topic))
     assert set(seen) == set(expected), "same windows, same ids, nothing lost or invented"
+
+
+# --- 17.3: a line naming several blocks, across partitions ---------------------------------------------
+
+
+def blocks_on_different_partitions(partitions: int) -> tuple[str, str]:
+    first = "blk_7128370237687728475"
+    for n in range(1000, 2000):
+        other = f"blk_-{n}8487656571"
+        if block_partition(other, partitions) != block_partition(first, partitions):
+            return first, other
+    raise AssertionError("no pair found")
+
+
+def multi_block_lines(a: str, b: str) -> list[str]:
+    return [
+        f"081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block {a} of size 67108864 from /10.251.39.1",
+        f"081109 203616 148 INFO dfs.DataNode$PacketResponder: Received block {b} of size 67108864 from /10.251.39.1",
+        f"081109 203617 35 INFO dfs.FSNamesystem: BLOCK* ask 10.251.39.1:50010 to delete {a} {b}",
+        f"081109 203618 19 INFO dfs.FSDataset: Deleting block {a} file /mnt/hadoop/dfs/data/current/{a}",
+        f"081109 203619 19 INFO dfs.FSDataset: Deleting block {b} file /mnt/hadoop/dfs/data/current/{b}",
+    ]
+
+
+@pytest.mark.parametrize("path", ["produce --key block", "repartition"])
+def test_a_line_naming_blocks_on_two_partitions_joins_each_session_once(bootstrap: str, tmp_path: Path,
+                                                                          path: str) -> None:
+    partitions = 4
+    a, b = blocks_on_different_partitions(partitions)
+    log_file = tmp_path / "hdfs.log"
+    log_file.write_text("\n".join(multi_block_lines(a, b)) + "\n")
+    topic = unique("multiblock")
+    if path == "produce --key block":
+        assert produce_file(bootstrap_servers=bootstrap, topic=topic, path=log_file, partitions=partitions,
+                            key="block") == 5
+        records = read_topic(bootstrap, topic)
+        assert len(records) == 6  # the two-block line once per partition
+        copies = [dict(m.headers() or []) for m in records if b"to delete" in m.value()]
+        assert sorted(h[BLOCKS_HEADER] for h in copies) == sorted([a.encode(), b.encode()])
+        assert [COPY_HEADER in h for h in copies].count(True) == 1
+    else:
+        raw = unique("raw")
+        create_topic(bootstrap, raw)
+        produce_lines(bootstrap, raw, log_file.read_text().splitlines())
+        create_topic(bootstrap, topic, partitions)
+        settings = make_settings(bootstrap, raw, repartition_topic=topic, group_id=unique("repartition"), once=True)
+        assert Repartitioner(settings).run() == 0
+
+    sessions = make_settings(bootstrap, topic, format="hdfs", window="session")
+    assert run_once(sessions) == 0
+    alerts = read_alerts(bootstrap, sessions.alerts_topic)
+    assert sorted((x["window"]["key"], x["window"]["size"]) for x in alerts) == sorted([(a, 3), (b, 3)])
+    assert read_topic(bootstrap, sessions.dlq_topic) == []
+
+    counts = make_settings(bootstrap, topic, format="hdfs", window="count", group_id=unique("count"),
+                           alerts_topic=unique("count-alerts"))
+    assert run_once(counts) == 0
+    assert sum(x["window"]["size"] for x in read_alerts(bootstrap, counts.alerts_topic)) == 5, "each line once"
