@@ -113,6 +113,16 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.3) -> bool:  # noqa: ANN001
+    """Poll `predicate` until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def make_settings(bootstrap: str, topic: str, **overrides: Any) -> Settings:
     """Settings for one test run with unique output topics and group, and test-friendly group timings."""
     base: dict[str, Any] = {

@@ -29,6 +29,7 @@ from tests.kafkatools import (
     read_topic,
     run_once,
     unique,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,15 +53,6 @@ class SlowDetector:
 
     def close(self) -> None:
         return None
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.3) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def ids(alerts: list[dict]) -> Counter[str]:

@@ -28,18 +28,10 @@ from tests.kafkatools import (
     read_topic,
     run_once,
     unique,
+    wait_for,
 )
 
 BGL = (SAMPLES / "BGL_2k.log").read_bytes().splitlines()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def committed_metadata(bootstrap: str, group: str, topic: str, partition: int = 0) -> tuple[int, dict | None]:
