@@ -54,6 +54,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from logstream.basemodels import BaseModel, BaseModelError, resolve_embedder, resolve_llm
+from logstream.coverage import TrainingCoverage
 from logstream.logs import get_logger
 from logstream.peftlib import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -269,6 +270,7 @@ class LogLLM(nn.Module):
         self.max_message_tokens = max_message_tokens
         self.prompt = Prompt.for_tokenizer(llm_tokenizer)
         self.merged = False  # adapters folded into the base weights (inference only; cannot be saved)
+        self.coverage: TrainingCoverage | None = None  # templates it was trained on (logstream.coverage)
         self.eval()
 
     # --- building -------------------------------------------------------------------------------
@@ -508,6 +510,7 @@ class LogLLM(nn.Module):
             "max_message_tokens": self.max_message_tokens,
             "max_messages": self.max_messages,
             "lora": {"embedder": asdict(EMBEDDER_LORA), "llm": asdict(LLM_LORA)},
+            "coverage": self.coverage.to_json() if self.coverage is not None else None,
             "created_at": time.time(),
         }
         (partial / ARTIFACT_CONFIG).write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
@@ -545,6 +548,7 @@ class LogLLM(nn.Module):
                 )
         model = cls._from_bases(embedder_base, llm_base, device, load_in_4bit,
                                 max_messages if max_messages is not None else int(config["max_messages"]))
+        model.coverage = TrainingCoverage.from_json(config.get("coverage"))
         if max_messages is not None and max_messages != config["max_messages"]:
             log.warning("logllm_max_messages_differs", trained=config["max_messages"], serving=max_messages)
         weights = load_file(str(directory / PROJECTOR_FILE))

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from logstream.coverage import CoverageMonitor
 from logstream.detectors.base import Detector
 from logstream.logs import get_logger
 from logstream.records import Verdict, Window
@@ -50,8 +51,10 @@ class ScoringWorker:
         batch_size: int,
         max_wait_s: float,
         on_batch: BatchObserver | None = None,
+        coverage: CoverageMonitor | None = None,
     ) -> None:
         self.detector = detector
+        self.coverage = coverage  # sees every scored batch's windows (unseen-template share)
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
@@ -153,6 +156,8 @@ class ScoringWorker:
             started = time.perf_counter()
             results = self._score(batch)
             elapsed = time.perf_counter() - started
+            if self.coverage is not None:
+                self.coverage.observe([job.window for job in batch])
             with self._cond:
                 self._results.extend(results)
                 self._scoring = 0

@@ -61,6 +61,7 @@ import orjson
 import torch
 
 from logstream.basemodels import BaseModelError
+from logstream.coverage import TrainingCoverage
 from logstream.logs import configure_logging, get_logger
 from logstream.model import (
     ARTIFACT_CONFIG,
@@ -271,6 +272,7 @@ class Trainer:
         self.run_id = self.world.on_main(lambda: self.store.begin(asdict(config), resume=resume))
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
         self.model: LogLLM | None = None
+        self.coverage: TrainingCoverage | None = None  # set by prepare(), written into the artifact
         self.weights_of: str | None = None  # the done stage whose weights the model holds (None: fresh)
 
     # --- data -------------------------------------------------------------------------------------
@@ -290,6 +292,10 @@ class Trainer:
         }
         log.info("logllm_fit_data", **stats)
         self.summary["data"] = stats
+        # the templates the model learns from, and how many test lines bring others (logstream.coverage)
+        self.coverage = TrainingCoverage.measure(
+            f"{c.dataset} {c.logs}", (t for w in split.train for t in w.window.templates),
+            (t for w in split.test for t in w.window.templates))
         return Prepared(split, stream, probe, stats)
 
     # --- the model --------------------------------------------------------------------------------
@@ -391,6 +397,7 @@ class Trainer:
         payload = {**self._payload(stage, state, optimizer, scheduler), "done": True, "info": info}
 
         def publish() -> None:
+            model.coverage = self.coverage
             publish_artifact(model, self.output)
             self.store.save(f"stage-{stage}", payload)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from logstream.coverage import TemplateCoverage
 from logstream.detectors.base import DetectorNotReady
 from logstream.logkeys import UNKNOWN
 from logstream.logllama import (
@@ -143,6 +144,14 @@ class LogLLaMADetector:
     def cache_stats(self) -> dict[str, tuple[int, int]]:
         """(hits, misses) of the rank cache, read by the pipeline's metrics after each batch."""
         return {"verdict": self.cache.stats()}
+
+    def template_coverage(self) -> TemplateCoverage:
+        """Known = a line whose message matches one of the frozen training templates (else UNKNOWN)."""
+        training = self.artifact.config.get("training") or {}
+        dataset = " ".join(str(part) for part in (training.get("dataset"), training.get("logs")) if part)
+        share = (self.artifact.config.get("coverage") or {}).get("unseen_share")
+        return TemplateCoverage(dataset or "(dataset not recorded)", lambda message: self.keys.key(message) != UNKNOWN,
+                                float(share) if isinstance(share, (int, float)) else None)
 
     def close(self) -> None:
         self.cache.clear()

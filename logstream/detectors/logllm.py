@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from logstream.basemodels import BaseModelError
+from logstream.coverage import TemplateCoverage
 from logstream.detectors.base import DetectorNotReady
 from logstream.logs import get_logger
 from logstream.lru import CountingLRU, split_cached
@@ -156,6 +157,10 @@ class LogLLMDetector:
     def cache_stats(self) -> dict[str, tuple[int, int]]:
         """(hits, misses) per cache, read by the pipeline's metrics after each batch."""
         return {"embedding": self.embeddings.stats(), "verdict": self.verdicts.stats()}
+
+    def template_coverage(self) -> TemplateCoverage | None:
+        """The templates of the artifact's training split (None for an artifact that did not record them)."""
+        return TemplateCoverage.of(self.model.coverage) if self.model.coverage is not None else None
 
     def close(self) -> None:
         """Drop the cached tensors (and hand freed CUDA memory back to the driver)."""

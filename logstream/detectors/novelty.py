@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from logstream.coverage import TemplateCoverage, TrainingCoverage
 from logstream.detectors.base import DetectorNotReady
 from logstream.records import LogLine, Verdict, Window
 from logstream.settings import Settings
@@ -24,26 +25,26 @@ class NoveltyDetector:
     name = "novelty"
     version = "1"
 
-    def __init__(self, known_templates: Iterable[str], *, source: str = "", lines: int = 0) -> None:
+    def __init__(self, known_templates: Iterable[str], *, source: str = "", lines: int = 0,
+                 unseen_share: float | None = None) -> None:
         self.known = frozenset(known_templates)
         self.source = source
         self.lines = lines
+        self.unseen_share = unseen_share  # new-template share of the latest lines of the fit (logstream.coverage)
 
     # --- fitting and persistence --------------------------------------------------------------
 
     @classmethod
     def fit(cls, lines: Iterable[LogLine], *, source: str = "") -> NoveltyDetector:
-        """Learn the templates of the normal lines (lines labelled anomalous are left out)."""
-        known: set[str] = set()
-        count = 0
-        for line in lines:
-            if line.label:
-                continue
-            known.add(line.template)
-            count += 1
-        if not known:
+        """Learn the templates of the normal lines (lines labelled anomalous are left out).
+
+        Also records how often the latest fifth of those lines still brought a new template: the
+        unseen share a serving consumer compares its traffic with (`logstream.coverage`)."""
+        templates: list[str] = [line.template for line in lines if not line.label]
+        if not templates:
             raise ValueError("no normal lines to fit on")
-        return cls(known, source=source, lines=count)
+        coverage = TrainingCoverage.from_stream(source, templates)
+        return cls(coverage.templates, source=source, lines=len(templates), unseen_share=coverage.unseen_share)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,7 @@ class NoveltyDetector:
             "source": self.source,
             "lines": self.lines,
             "fitted_at": time.time(),
+            "unseen_share": self.unseen_share,
             "templates": sorted(self.known),
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -79,7 +81,9 @@ class NoveltyDetector:
             raise DetectorNotReady(f"novelty model {path} is not valid JSON: {exc}") from None
         if not isinstance(body, dict) or body.get("kind") != ARTIFACT_KIND:
             raise DetectorNotReady(f"{path} is not a novelty model (kind {body.get('kind')!r})")
-        return cls(body["templates"], source=body.get("source", ""), lines=int(body.get("lines", 0)))
+        share = body.get("unseen_share")
+        return cls(body["templates"], source=body.get("source", ""), lines=int(body.get("lines", 0)),
+                   unseen_share=float(share) if isinstance(share, (int, float)) else None)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NoveltyDetector:
@@ -103,6 +107,11 @@ class NoveltyDetector:
             for i in novel[:20]
         )
         return Verdict(anomalous=True, score=round(score, 2), evidence=evidence)
+
+    def template_coverage(self) -> TemplateCoverage:
+        """Its own templates: a line the model never saw is exactly what it flags; many of them mean the
+        traffic is not what it was fitted on."""
+        return TemplateCoverage(self.source or "(source not recorded)", self.known.__contains__, self.unseen_share)
 
     def close(self) -> None:
         return None
