@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
 
@@ -77,6 +78,7 @@ def settings_from(namespace: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from logstream.detectors.base import DetectorNotReady
     from logstream.detectors.registry import load_detector
+    from logstream.kafka import base_config, wait_for_broker
     from logstream.metrics import Health, Metrics, MetricsServer, MetricsServerError
     from logstream.pipeline import Pipeline
 
@@ -96,6 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"logstream run: {exc}", file=sys.stderr)
             return 2
     try:
+        # A wrong address fails in seconds, not after a large model has loaded (KafkaSetupError: main);
+        # a missing --detector is a usage error, said at once.
+        if settings.detector is not None:
+            wait_for_broker(base_config(settings), settings.connect_timeout_s)
         try:
             detector = load_detector(settings)
         except DetectorNotReady as exc:
@@ -107,6 +113,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def _connect_timeout(args: argparse.Namespace) -> float:
+    """--connect-timeout-s, else LOGSTREAM_CONNECT_TIMEOUT_S, else the Settings default."""
+    given = getattr(args, "connect_timeout_s", None)
+    return float(given) if given is not None else Settings().connect_timeout_s
+
+
+def _add_connect_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connect-timeout-s", type=float, default=None,
+                        help="seconds to reach a bootstrap server before exiting 1 [default: "
+                        f"{Settings.model_fields['connect_timeout_s'].default:g}; env LOGSTREAM_CONNECT_TIMEOUT_S]")
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -136,13 +154,21 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
+    from logstream.kafka import client_config, wait_for_broker
     from logstream.producer import produce_file
 
     configure_logging("INFO")
-    sent = produce_file(
-        bootstrap_servers=args.bootstrap_servers, topic=args.topic, path=args.file, partitions=args.partitions,
-        key=args.key, rate=args.rate, limit=args.limit,
-    )
+    wait_for_broker(client_config(args.bootstrap_servers), _connect_timeout(args))
+    try:
+        sent = produce_file(
+            bootstrap_servers=args.bootstrap_servers, topic=args.topic, path=args.file, partitions=args.partitions,
+            key=args.key, rate=args.rate, limit=args.limit,
+        )
+    except (KafkaException, RuntimeError) as exc:  # the broker went away mid-stream: undelivered records
+        print(f"logstream produce: writing {args.topic} on {args.bootstrap_servers} failed: {exc}", file=sys.stderr)
+        return 1
     print(f"produced {sent} records to {args.topic}", file=sys.stderr)
     return 0
 
@@ -154,7 +180,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     seen = tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
-                       raw_json=args.json, idle_exit_s=args.idle_exit)
+                       raw_json=args.json, idle_exit_s=args.idle_exit, connect_timeout_s=_connect_timeout(args))
     print(f"{seen} alerts", file=sys.stderr)
     return 0
 
@@ -187,7 +213,7 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
 REPARTITION_FIELDS = (
     "bootstrap_servers", "input_topic", "repartition_topic", "group_id", "group_instance_id", "guarantee",
     "kafka_option", "create_topics", "topic_partitions", "topic_replication", "commit_interval_s", "once",
-    "max_poll_interval_ms", "session_timeout_ms", "log_level",
+    "max_poll_interval_ms", "session_timeout_ms", "connect_timeout_s", "log_level",
 )
 
 
@@ -255,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "logstream.copy-of), so every block's session gets all its lines once")
     produce.add_argument("--rate", type=float, default=0.0, help="lines per second (0: as fast as possible)")
     produce.add_argument("--limit", type=int, default=None, help="stop after this many lines")
+    _add_connect_timeout(produce)
     produce.set_defaults(func=cmd_produce)
 
     alerts = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive")
@@ -263,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--from-beginning", action="store_true")
     alerts.add_argument("--json", action="store_true", help="print the raw JSON documents")
     alerts.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    _add_connect_timeout(alerts)
     alerts.set_defaults(func=cmd_alerts)
 
     novelty = sub.add_parser("novelty", help="the unseen-template detector").add_subparsers(dest="action",
@@ -303,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except KafkaSetupError as exc:  # broker unreachable, input topic missing, no partitions: one line
+        print(f"logstream {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"logstream {args.command}: invalid settings: {problems}", file=sys.stderr)

@@ -6,26 +6,140 @@ Apache Kafka and the embedded broker.
 
 from __future__ import annotations
 
+import difflib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from logstream.logs import kafka_client_logger
+from logstream.errors import KafkaSetupError
+from logstream.logs import get_logger, kafka_client_logger
 from logstream.settings import Settings
+
+_log = get_logger(__name__)
 
 
 RECORD_OVERHEAD_BYTES = 65_536  # headers and batch framing on top of a record's value
+# librdkafka retries a refused connection about 20 times a second by default; back off instead.
+RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MAX_MS = 500, 10_000
+# How often clients look for topics they wait for (a consumer started before its input topic exists).
+METADATA_REFRESH_MS = 2_000
+CONNECT_ATTEMPT_S, CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S = 2.0, 0.5, 5.0
+
+
+class BrokerUnreachable(KafkaSetupError):
+    """No broker of the bootstrap list answered within the connect timeout."""
+
+    def __init__(self, bootstrap_servers: str, waited_s: float, detail: str) -> None:
+        super().__init__(f"cannot reach Kafka at {bootstrap_servers} within {waited_s:g} s: {detail}")
+        self.bootstrap_servers = bootstrap_servers
+
+
+class TopicMissing(KafkaSetupError):
+    """A topic the command must read does not exist (a typo, or the producer has not created it yet)."""
+
+    exit_code = 2
+
+
+def client_config(bootstrap_servers: str) -> dict[str, Any]:
+    """What every logstream Kafka client shares: the address, backoff, and librdkafka logs through structlog."""
+    return {
+        "bootstrap.servers": bootstrap_servers,
+        "log.connection.close": False,
+        "reconnect.backoff.ms": RECONNECT_BACKOFF_MS,
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+        "logger": kafka_client_logger(),
+    }
 
 
 def base_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "log.connection.close": False,
-        "logger": kafka_client_logger(),
-        **settings.kafka_option,
-    }
+    return {**client_config(settings.bootstrap_servers), **settings.kafka_option}
+
+
+def wait_for_broker(config: dict[str, Any], timeout_s: float) -> ClusterMetadata:
+    """The cluster's metadata once a broker answers; `BrokerUnreachable` after `timeout_s`.
+
+    Each attempt waits up to 2 s for an answer; retries back off exponentially (0.5 s doubling to
+    5 s). The probe's own connection failures
+    are not logged line by line: the one error names the bootstrap servers and librdkafka's last
+    reason (connection refused, name not resolved, authentication failed, ...).
+    """
+    errors: list[KafkaError] = []
+    probe = AdminClient({**config, "log_level": 2, "error_cb": errors.append})  # 2: critical only
+    bootstrap = str(config.get("bootstrap.servers"))
+    deadline = time.monotonic() + timeout_s
+    delay = CONNECT_RETRY_FIRST_S
+    announced = False
+    while True:
+        try:
+            return probe.list_topics(timeout=max(0.5, min(deadline - time.monotonic(), CONNECT_ATTEMPT_S)))
+        except KafkaException as exc:
+            probe.poll(0)  # delivers the error callbacks that say why
+            detail = _connection_reason(errors) or exc.args[0].str()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerUnreachable(bootstrap, timeout_s, detail)
+        if not announced:
+            _log.info("waiting_for_broker", bootstrap_servers=bootstrap, error=detail, give_up_after_s=timeout_s)
+            announced = True
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+
+
+def _connection_reason(errors: list[KafkaError]) -> str | None:
+    """librdkafka's most specific recent reason, e.g. "Connect to ipv4#127.0.0.1:1 failed: Connection refused"."""
+    generic = (KafkaError._ALL_BROKERS_DOWN,)
+    for error in reversed(errors):
+        if error.code() not in generic:
+            text = error.str()
+            return text.split("/bootstrap: ", 1)[-1].split(" (after ", 1)[0]
+    return errors[-1].str() if errors else None
+
+
+def require_topics(metadata: ClusterMetadata, topics: list[str], bootstrap_servers: str) -> None:
+    """`TopicMissing` naming every topic of `topics` the cluster does not have (with near names)."""
+    missing = [topic for topic in topics
+               if topic not in metadata.topics or metadata.topics[topic].error is not None]
+    if not missing:
+        return
+    existing = [name for name in metadata.topics if not name.startswith("__")]
+    parts = []
+    for topic in missing:
+        error = metadata.topics[topic].error if topic in metadata.topics else None
+        text = f"{topic!r} ({error.str()})" if error is not None else repr(topic)
+        near = difflib.get_close_matches(topic, existing, n=2)
+        parts.append(text + (f" - did you mean {' or '.join(repr(n) for n in near)}?" if near else ""))
+    noun = "topic" if len(missing) == 1 else "topics"
+    raise TopicMissing(f"input {noun} {', '.join(parts)} not found on {bootstrap_servers}")
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """What the group coordinator says about a consumer group (for explaining a missing assignment)."""
+
+    state: str
+    members: list[tuple[str, str | None, str, list[str]]]  # member id, static id, host, partitions
+
+    def others(self, member_id: str | None) -> list[tuple[str, str | None, str, list[str]]]:
+        return [m for m in self.members if m[0] != member_id]
+
+
+def describe_group(settings: Settings, timeout: float = 5.0) -> GroupView | None:
+    """The group's state and members, or None when the coordinator does not answer in time."""
+    admin = AdminClient(base_config(settings))
+    try:
+        found = admin.describe_consumer_groups([settings.group_id], request_timeout=timeout)[settings.group_id]
+        group = found.result(timeout=timeout)
+    except Exception:  # noqa: BLE001 - a diagnosis only: any failure means "no view"
+        return None
+    members = []
+    for member in group.members:
+        parts = member.assignment.topic_partitions if member.assignment else []
+        members.append((member.member_id, member.group_instance_id, member.host,
+                        [f"{tp.topic}/{tp.partition}" for tp in parts]))
+    return GroupView(str(group.state).rsplit(".", 1)[-1], members)
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -39,9 +153,11 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "max.poll.interval.ms": settings.max_poll_interval_ms,
         "session.timeout.ms": settings.session_timeout_ms,
         "partition.assignment.strategy": "cooperative-sticky",
+        # a consumer started before its input topic exists gets it within seconds, not 5 minutes
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
     }
-    if settings.group_instance_id:
-        config["group.instance.id"] = settings.group_instance_id
+    if settings.static_member_id:
+        config["group.instance.id"] = settings.static_member_id
     config.update(base_config(settings))
     return config
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import orjson
 import structlog
+
+
+CLIENT_LOG_INTERVAL_S = 10.0  # at most one librdkafka line per facility and level this often
 
 
 def _dumps(obj: object, default: object = None) -> str:
@@ -57,14 +61,34 @@ class LogThrottle:
 
 
 class _StructlogHandler(logging.Handler):
-    """Forwards stdlib records (librdkafka's own log lines) to structlog, so stderr stays JSON."""
+    """Forwards stdlib records (librdkafka's own log lines) to structlog, so stderr stays JSON.
+
+    librdkafka logs every failed connection attempt (about 20 a second against a refused port), so
+    lines are rate-limited: at most one per client log facility and level every `interval_s`, with
+    the number held back since the previous one (`suppressed_since_last`).
+    """
+
+    def __init__(self, interval_s: float = CLIENT_LOG_INTERVAL_S) -> None:
+        super().__init__()
+        self._throttle = LogThrottle(interval_s)
 
     def emit(self, record: logging.LogRecord) -> None:
-        structlog.get_logger(record.name).log(record.levelno, "client_log", message=record.getMessage())
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, message)
+        args = record.args if isinstance(record.args, tuple) else ()
+        facility = str(args[0]) if len(args) == 3 else ""
+        suppressed = self._throttle.allow(f"{record.name}:{record.levelno}:{facility}", time.monotonic())
+        if suppressed is None:
+            return
+        fields: dict[str, object] = {"message": record.getMessage()}
+        if facility:
+            fields.update(facility=facility, client=str(args[1]), message=str(args[2]))
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        structlog.get_logger(record.name).log(record.levelno, "client_log", **fields)
 
 
 def kafka_client_logger() -> logging.Logger:
-    """The logger handed to confluent-kafka clients (`logger` config key)."""
+    """The logger handed to confluent-kafka clients (`logger` config key): JSON, rate-limited."""
     logger = logging.getLogger("librdkafka")
     if not any(isinstance(handler, _StructlogHandler) for handler in logger.handlers):
         logger.addHandler(_StructlogHandler())

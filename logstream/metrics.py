@@ -77,6 +77,9 @@ class Metrics:
                                      ["reason"], registry=r)
         self.dlq_records = _Counter("logstream_dlq_records", "Records sent to the dead-letter topic",
                                     ["reason"], registry=r)
+        self.dead_letter_ratio = _Gauge("logstream_dead_letter_ratio",
+                                        "Share of the records recently read from the partition that were "
+                                        "dead-lettered (near 1: wrong --format or window kind)", tp, registry=r)
         # windows
         self.windows_opened = _Counter("logstream_windows_opened", "Windows opened", ["kind"], registry=r)
         self.windows_closed = _Counter("logstream_windows_closed", "Windows closed", ["kind", "reason"],
@@ -121,6 +124,7 @@ class Metrics:
         # output, offsets, group
         self.alerts_published = _Counter("logstream_alerts_published", "Verdicts published", ["severity"],
                                          registry=r)
+        self.verdicts = _Counter("logstream_verdicts", "Windows judged by the detector", ["label"], registry=r)
         self.consumer_lag = _Gauge("logstream_consumer_lag", "High watermark minus position", tp, registry=r)
         self.commits = _Counter("logstream_commits", "Offset commits (or committed transactions)", registry=r)
         self.last_commit_timestamp = _Gauge("logstream_last_commit_timestamp_seconds",
@@ -160,11 +164,34 @@ class Metrics:
         A stale lag or open-window value left behind after a rebalance would be summed with the new
         owner's and mislead the autoscaler; counters stay (they are totals of what this process did).
         """
-        for gauge in (self.consumer_lag, self.open_windows):
+        for gauge in (self.consumer_lag, self.open_windows, self.dead_letter_ratio):
             try:
                 gauge.remove(topic, str(partition))
             except KeyError:
                 pass
+
+    def summary(self) -> dict[str, Any]:
+        """What this process did, from its counters: the `run_summary` log line of a run.
+
+        records_read (replays included), records_replayed, records_parsed, dead_lettered by reason,
+        windows_closed (and by reason), verdicts by label (plus scoring errors) and alerts by severity
+        (verdicts published as anomalous).
+        """
+        read = sum(_totals(self.lines_consumed).values())
+        closed_by_reason: dict[str, int] = {}
+        for (_kind, reason), n in _totals(self.windows_closed).items():
+            closed_by_reason[reason] = closed_by_reason.get(reason, 0) + n
+        return {
+            "records_read": read,
+            "records_replayed": sum(_totals(self.lines_replayed).values()),
+            "records_parsed": read - sum(_totals(self.parse_errors).values()),
+            "dead_lettered": {labels[0]: n for labels, n in _totals(self.dlq_records).items()},
+            "windows_closed": sum(closed_by_reason.values()),
+            "windows_closed_by_reason": closed_by_reason,
+            "verdicts": {labels[0]: n for labels, n in _totals(self.verdicts).items()},
+            "scoring_errors": sum(_totals(self.scoring_errors).values()),
+            "alerts": {labels[0]: n for labels, n in _totals(self.alerts_published).items() if labels[0] != "none"},
+        }
 
     def _commit_age(self) -> float:
         last = self.last_commit_timestamp.collect()[0].samples[0].value
@@ -172,6 +199,17 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _totals(counter: Counter) -> dict[tuple[str, ...], int]:
+    """A counter's value per label combination (label values in declaration order)."""
+    totals: dict[tuple[str, ...], int] = {}
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                key = tuple(sample.labels.values())
+                totals[key] = totals.get(key, 0) + int(sample.value)
+    return totals
 
 
 @dataclass
@@ -183,10 +221,11 @@ class Health:
     last_poll: float = 0.0
     broker_ok: bool = True
     poll_stale_after_s: float = 30.0
+    waiting_for: str | None = None  # why no partition came within the assignment timeout (the group's view)
 
     def ready(self) -> tuple[bool, str]:
         if not self.assigned:
-            return False, "no partitions assigned"
+            return False, "no partitions assigned" + (f": {self.waiting_for}" if self.waiting_for else "")
         if time.time() - self.last_poll > self.poll_stale_after_s:
             return False, "poll loop stalled"
         if not self.broker_ok:

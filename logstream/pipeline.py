@@ -37,7 +37,19 @@ from logstream.alerts import OutputTooLarge, build_alert, encode_alert, severity
 from logstream.checkpoint import CommittedPosition, Cut, OutputLedger, PartitionCut, parse_metadata
 from logstream.coverage import CoverageMonitor
 from logstream.detectors.base import Detector
-from logstream.kafka import RECORD_OVERHEAD_BYTES, consumer_config, ensure_topics, producer_config, read_record
+from logstream.assignment import AssignmentWatch, NoAssignment, explain
+from logstream.deadletters import DeadLetterWatch
+from logstream.kafka import (
+    RECORD_OVERHEAD_BYTES,
+    base_config,
+    consumer_config,
+    describe_group,
+    ensure_topics,
+    producer_config,
+    read_record,
+    require_topics,
+    wait_for_broker,
+)
 from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Health, Metrics
 from logstream.outputs import MAX_ERROR_CHARS, MAX_KEY_BYTES, STATE_CHUNK_BYTES, OutputLimits, output_limits
@@ -138,6 +150,9 @@ class Pipeline:
         self._last_lag_at = 0.0
         self._fatal: str | None = None
         self._error_log = LogThrottle(10.0)
+        self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
+        self._dead_letters = DeadLetterWatch(self.metrics, settings.format, settings.window)
+        self._last_health_at = 0.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         # lowered at start to what the output topics take (outputs.output_limits)
@@ -158,6 +173,14 @@ class Pipeline:
     def run(self) -> int:
         """Run until stopped (or, with `once`, until the input is consumed). Returns the exit code."""
         settings = self.settings
+        # Kafka must answer, and a batch run's input must exist, before anything starts (one clear error).
+        metadata = wait_for_broker(base_config(settings), settings.connect_timeout_s)
+        if settings.once:
+            require_topics(metadata, list(settings.input_topic), settings.bootstrap_servers)
+        for topic in settings.input_topic:
+            if topic not in metadata.topics:
+                log.warning("input_topic_missing", topic=topic, action="waiting: it is consumed within seconds of "
+                            "being created")
         if settings.create_topics:
             ensure_topics(
                 settings,
@@ -175,6 +198,7 @@ class Pipeline:
         self.consumer.subscribe(
             list(settings.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
         log.info(
             "pipeline_started",
             topics=settings.input_topic,
@@ -184,7 +208,7 @@ class Pipeline:
             guarantee=settings.guarantee,
             once=settings.once,
         )
-        code = 0
+        code = 1  # an exception out of the loop is not a clean stop
         try:
             code = self._loop()
         except FatalPipelineError as exc:
@@ -229,6 +253,7 @@ class Pipeline:
             self._close_idle_windows()
             self._maybe_checkpoint()
             self._update_lag()
+            self._observe_health()
             if self.settings.once and self._once_done():
                 self._finish_input()
                 return 0
@@ -239,6 +264,7 @@ class Pipeline:
         self._pause_all()
         self.scorer.flush_partial(True)
         self._complete_now(deadline)
+        self._dead_letters.evaluate(final=True)
 
     def _finish_input(self) -> None:
         """`--once`: close every window, score and publish them all, commit the end offsets."""
@@ -247,6 +273,7 @@ class Pipeline:
             state.open_gauge.set(0)
         self.scorer.flush_partial(True)
         self._complete_now(deadline=math.inf)
+        self._dead_letters.evaluate(final=True)
         log.info("input_finished", partitions=len(self.parts))
 
     def _close(self, clean: bool) -> None:
@@ -261,6 +288,7 @@ class Pipeline:
         if self.consumer is not None:
             self.consumer.close()
         self.detector.close()
+        log.info("run_summary", **self.metrics.summary())
         log.info("pipeline_stopped", clean=clean)
 
     # ==========================================================================================
@@ -269,6 +297,8 @@ class Pipeline:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_once = True
+        self._assignment.on_assign(tp.topic for tp in partitions)
+        self.health.waiting_for = None
         if not partitions:
             self.health.assigned = bool(self.parts)
             return
@@ -358,6 +388,7 @@ class Pipeline:
             if state is not None:
                 state.open_gauge.set(0)
             self.metrics.forget_partition(*tp)
+            self._dead_letters.forget(tp)
         self.scorer.drop(lambda job: (job.window.topic, job.window.partition) not in tps)
         if self._pending_cut is not None:
             for tp in tps:
@@ -383,6 +414,7 @@ class Pipeline:
             counts[tp] = counts.get(tp, 0) + 1
             self._handle_record(state, message)
         for tp, n in counts.items():
+            self._dead_letters.read(tp, n)
             state = self.parts.get(tp)
             if state is not None:
                 state.lines_counter.inc(n)
@@ -396,6 +428,15 @@ class Pipeline:
             return
         if error.fatal() or error.code() == KafkaError._FATAL:
             self._fatal = f"consumer fenced or broken: {error}"  # e.g. a newer instance took our static id
+            return
+        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            topic = message.topic()
+            if self.settings.once:  # checked at start: it was deleted while this batch run read it
+                self._fatal = f"input topic {topic!r} disappeared from {self.settings.bootstrap_servers}"
+                return
+            if self._error_log.allow(f"missing:{topic}", time.monotonic()) is not None:
+                log.warning("input_topic_missing", topic=topic, action="waiting: it is consumed within seconds of "
+                            "being created")
             return
         suppressed = self._error_log.allow(f"consume:{error.name()}", time.monotonic())
         if suppressed is not None:
@@ -544,6 +585,7 @@ class Pipeline:
                                             result.error or "")))
             self.metrics.dlq_records.labels("detector_error").inc()
             return
+        self.metrics.verdicts.labels("anomalous" if result.verdict.anomalous else "normal").inc()
         if not result.verdict.anomalous and self.settings.emit == "anomalous":
             state.ledger.complete(job.seq)  # judged normal: nothing to publish
             return
@@ -571,6 +613,7 @@ class Pipeline:
 
     def _dead_letter(self, state: PartitionState, message: Message, reason: str, detail: str) -> None:
         self.metrics.dlq_records.labels(reason).inc()
+        self._dead_letters.dead(state.tp, reason, detail, message.offset())
         headers = self._headers(message.topic(), message.partition(), message.offset(), reason, detail)
         value = message.value() or b""
         if len(value) > self.limits.dlq:  # the broker would refuse it: keep the head, say so
@@ -867,7 +910,7 @@ class Pipeline:
         self.metrics.paused_partitions.set(0)
 
     def _once_done(self) -> bool:
-        if not self._assigned_once:
+        if not self._assigned_once or self._assignment.waiting(once=True):
             return False
         return all(state.caught_up for state in self.parts.values())
 
@@ -905,6 +948,34 @@ class Pipeline:
                 break  # the broker does not answer: do not stall the poll loop on every partition
             if high >= 0:
                 self.metrics.consumer_lag.labels(topic, str(partition)).set(max(0, high - state.position))
+
+    def _observe_health(self) -> None:
+        """Say why no partition comes (every assignment timeout); judge dead-letter shares (every 5 s)."""
+        once = self.settings.once
+        if self._assignment.overdue(once):
+            self._report_no_assignment(once)
+        now = time.monotonic()
+        if now - self._last_health_at >= 5.0:
+            self._last_health_at = now
+            self._dead_letters.evaluate()
+
+    def _report_no_assignment(self, once: bool) -> None:
+        """No rebalance completed (or, with `--once`, a topic got no partition) within the assignment timeout."""
+        assert self.consumer is not None
+        s = self.settings
+        try:
+            member_id = self.consumer.memberid()
+        except (KafkaException, RuntimeError):
+            member_id = None
+        unassigned = self._assignment.unassigned
+        why = explain(s.group_id, describe_group(s), member_id, unassigned, self._assignment.rebalanced)
+        waited = self._assignment.waited_s()
+        if once:
+            raise NoAssignment(f"no partition of {', '.join(unassigned)} was assigned to this member of group "
+                               f"{s.group_id!r} within {waited:.0f} s: {why}")
+        self.health.waiting_for = why
+        log.error("no_partitions_assigned", group=s.group_id, waited_s=round(waited), topics=unassigned,
+                  reason=why, static_member_id=s.static_member_id)
 
     def _probe_broker(self) -> None:
         """After a transport error, /readyz stays 503 until a metadata request proves the broker answers."""

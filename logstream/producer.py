@@ -16,12 +16,13 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from logstream.files import iter_records
+from logstream.kafka import client_config
 from logstream.repartition import route
 
 
 def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> None:
     """Create `topic` unless it exists."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient(client_config(bootstrap_servers))
     if topic in admin.list_topics(timeout=10).topics:
         return
     for future in admin.create_topics([NewTopic(topic, partitions, 1)], operation_timeout=30).values():
@@ -43,7 +44,7 @@ def produce_file(
     Returns how many lines were sent, all acknowledged; raises RuntimeError naming undelivered ones.
     """
     create_topic(bootstrap_servers, topic, partitions)
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "enable.idempotence": True,
+    producer = Producer({**client_config(bootstrap_servers), "linger.ms": 20, "enable.idempotence": True,
                          "compression.type": "zstd"})
     failures: list[str] = []
 

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from logstream.kafka import consumer_config, ensure_topics, partitions_of, producer_config
+from logstream.kafka import (
+    base_config,
+    consumer_config,
+    ensure_topics,
+    partitions_of,
+    producer_config,
+    wait_for_broker,
+)
 from logstream.logs import get_logger
 from logstream.parsing import block_ids
 from logstream.settings import Settings
@@ -107,6 +114,7 @@ class Repartitioner:
 
     def run(self) -> int:
         s = self.settings
+        wait_for_broker(base_config(s), s.connect_timeout_s)  # BrokerUnreachable: one line, exit 1
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))

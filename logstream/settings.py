@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     dlq_topic: str = Field("logstream.dlq", description="dead-letter topic for records that cannot be processed")
     group_id: str = Field("logstream", description="Kafka consumer group")
     group_instance_id: str | None = Field(
-        None, description="static group membership id (one per replica; also names the transactional producer)"
+        None,
+        description="static group membership id (one per replica; also names the transactional producer); "
+        "default: the host name with --guarantee exactly-once, none (dynamic member) otherwise",
     )
     state_topic: str | None = Field(
         None, description="topic holding open-session snapshots for exact replay (default: <group-id>.logstream-state)"
@@ -158,6 +160,14 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, gt=0, description="time allowed to drain, publish and commit on stop")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="Kafka max.poll.interval.ms")
     session_timeout_ms: int = Field(45_000, ge=1000, description="Kafka session.timeout.ms")
+    connect_timeout_s: float = Field(
+        20.0, gt=0, description="seconds to reach a bootstrap server at start (retried with backoff) before exiting 1"
+    )
+    assignment_timeout_s: float | None = Field(
+        None, gt=0,
+        description="seconds to wait for partitions before logging why none came (the group's members); with "
+        "--once, exit 1 when an input topic got no partition by then (default: session timeout + 30 s)",
+    )
 
     # --- Operations ---------------------------------------------------------------------------
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz here")
@@ -201,3 +211,21 @@ class Settings(BaseSettings):
     def transactional_id(self) -> str:
         """Stable per replica, so a restarted instance fences its own earlier incarnation."""
         return f"{self.group_id}.{self.group_instance_id or socket.gethostname()}"
+
+    @property
+    def static_member_id(self) -> str | None:
+        """`group.instance.id`: the one given, else the host name in exactly-once mode, else none (dynamic).
+
+        Exactly-once already assumes one instance per host and group (the host name is in its
+        transactional id), so the same name as static member id costs nothing and lets an instance
+        killed with SIGKILL rejoin as itself instead of waiting for its dead member to expire.
+        """
+        if self.group_instance_id:
+            return self.group_instance_id
+        return socket.gethostname() if self.guarantee == "exactly-once" else None
+
+    @property
+    def effective_assignment_timeout_s(self) -> float:
+        if self.assignment_timeout_s is not None:
+            return self.assignment_timeout_s
+        return self.session_timeout_ms / 1000.0 + 30.0
