@@ -1,21 +1,26 @@
 """`logstream demo`: the whole path on one machine, with nothing but the installed package.
 
-Starts the embedded broker, streams a real BGL sample into a raw topic at a steady rate, runs the
-consumer (count windows of 100 lines; LogLLM on the embedded small models by default) in this
-process, and prints each alert as it arrives on the alerts topic, then a summary against the
-sample's own labels.
+Starts the embedded broker, streams a real log sample into a raw topic (BGL by default, count
+windows of 100 lines; `--dataset hdfs`: block sessions), runs the consumer (LogLLM on the embedded
+small models and the shipped artifact for that dataset by default) in this process, and prints
+each alert as it arrives on the alerts topic, then precision and recall against the sample's own
+labels.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.resources
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from logstream.broker import EmbeddedBroker
 from logstream.logs import configure_logging
+from logstream.parsing import block_ids
 from logstream.pipeline import Pipeline
 from logstream.producer import create_topic, produce_file
 from logstream.settings import Settings
@@ -29,11 +34,30 @@ def sample_path(name: str) -> Path:
     return Path(str(importlib.resources.files("logstream") / "samples" / name))
 
 
-def _anomalous_windows(lines: int) -> tuple[int, set[int]]:
-    """Windows of the first `lines` sample lines, and the first offsets of those holding an alert-tagged line.
+@dataclass(frozen=True, slots=True)
+class DemoDataset:
+    """One shipped sample and how the consumer windows it."""
+
+    name: str
+    sample: str
+    format: str
+    window: str  # count | session
+    models: dict[str, str]  # detector -> shipped model in samples/ (see samples/NOTICE.md)
+    labels: str | None = None  # per-block label file (HDFS)
+
+
+DATASETS = {
+    "bgl": DemoDataset("bgl", "BGL_2k.log", "bgl", "count", {"logllm": "logllm-bgl", "novelty": "bgl-novelty.json"}),
+    "hdfs": DemoDataset("hdfs", "HDFS_2k.log", "hdfs", "session", {"logllm": "logllm-hdfs"},
+                        labels="anomaly_label_HDFS_2k.csv"),
+}
+
+
+def _bgl_truth(lines: int) -> tuple[int, set[str]]:
+    """Windows of the first `lines` BGL sample lines, and the ids of those holding an alert-tagged line.
 
     The demo's raw topic is fresh and has one partition, so line i of the sample is offset i and the
-    100-line window k starts at offset 100 k.
+    100-line window k starts at offset 100 k; a window is identified by its first offset.
     """
     windows, anomalous = 0, set()
     with sample_path("BGL_2k.log").open("rb") as handle:
@@ -42,31 +66,68 @@ def _anomalous_windows(lines: int) -> tuple[int, set[int]]:
                 break
             windows = number // 100 + 1
             if not raw.startswith(b"- "):
-                anomalous.add(number // 100 * 100)
+                anomalous.add(str(number // 100 * 100))
     return windows, anomalous
 
 
-SHIPPED_MODELS = {"logllm": "logllm-bgl", "novelty": "bgl-novelty.json"}  # trained on BGL; see samples/NOTICE.md
+def _hdfs_truth(lines: int) -> tuple[int, set[str]]:
+    """Blocks named in the first `lines` HDFS sample lines (one session window each), and the anomalous ones."""
+    labels: dict[str, bool] = {}
+    with sample_path("anomaly_label_HDFS_2k.csv").open(encoding="utf-8") as handle:
+        for row in csv.reader(handle):
+            if len(row) == 2 and row[1] in ("Normal", "Anomaly"):
+                labels[row[0]] = row[1] == "Anomaly"
+    blocks: set[str] = set()
+    with sample_path("HDFS_2k.log").open(encoding="utf-8", errors="replace") as handle:
+        for number, text in enumerate(handle):
+            if number >= lines:
+                break
+            blocks.update(block for block in block_ids(text) if block in labels)
+    return len(blocks), {block for block in blocks if labels[block]}
+
+
+def _summary(dataset: DemoDataset, lines: int, alerted: list[str], seen: int, seconds: float) -> str:
+    """The closing line: alerts against the sample's own labels, as precision and recall."""
+    windows, anomalous = _bgl_truth(lines) if dataset.name == "bgl" else _hdfs_truth(lines)
+    unit = "windows of 100 lines" if dataset.name == "bgl" else "block sessions"
+    marked = "with an alert-tagged line" if dataset.name == "bgl" else "labelled Anomaly"
+    distinct = set(alerted)
+    right = len(distinct & anomalous)
+    precision = right / len(distinct) if distinct else 0.0
+    recall = right / len(anomalous) if anomalous else 0.0
+    return (f"\n{seen} alerts in {seconds:.0f}s: {right} on {unit.split(' of ')[0]} {marked}, {len(distinct) - right} "
+            f"on clean ones. The sample holds {windows} {unit}, {len(anomalous)} {marked}. Against these labels: "
+            f"precision {precision:.2f}, recall {recall:.2f}.")
 
 
 def run_demo(detector: str = "logllm", model: Path | None = None, lines: int = 2000,
-             keep_broker: bool = False) -> int:
-    """Without `--model`, the detector's shipped BGL model: LogLLM on the embedded base models
-    (its artifact records their hashes, so other base files are refused at load), or novelty.
-    LogLLaMA ships none: train one with `logstream-train fit-logllama --dataset bgl ...`."""
+             keep_broker: bool = False, dataset: str = "bgl") -> int:
+    """Without `--model`, the detector's shipped model for the dataset: LogLLM on the embedded base
+    models (its artifact records their hashes, so other base files are refused at load), or novelty
+    (BGL). LogLLaMA ships none: train one with `logstream-train fit-logllama --dataset bgl ...`.
+
+    BGL lines stream at 400 lines/s into 100-line count windows. HDFS windows are block sessions
+    that stay open up to a day of quiet, so the HDFS demo streams the sample, then runs the consumer
+    as `logstream run --once` does: to the end of the topic, every session closed and judged.
+    """
     configure_logging("WARNING")
+    if dataset not in DATASETS:
+        print(f"logstream demo: unknown dataset {dataset!r}; choose {', '.join(DATASETS)}", file=sys.stderr)
+        return 2
+    chosen = DATASETS[dataset]
     if model is None:
-        if detector not in SHIPPED_MODELS:
-            print(f"logstream demo --detector {detector} needs --model DIR: an artifact trained on BGL "
-                  "(logstream-train fit-logllama --dataset bgl ...)", file=sys.stderr)
+        if detector not in chosen.models:
+            print(f"logstream demo --detector {detector} --dataset {dataset} needs --model DIR: no shipped "
+                  f"{detector} model for {dataset} (train one with logstream-train)", file=sys.stderr)
             return 2
-        model = sample_path(SHIPPED_MODELS[detector])
+        model = sample_path(chosen.models[detector])
     from logstream.detectors.base import DetectorNotReady  # noqa: PLC0415 - heavy, only here
     from logstream.detectors.registry import load_detector  # noqa: PLC0415
 
+    once = chosen.window == "session"
     options = {"input_topic": [RAW_TOPIC], "alerts_topic": ALERTS_TOPIC, "dlq_topic": "demo.logs.dlq",
-               "group_id": "logstream-demo", "format": "bgl", "window": "count", "detector": detector, "model": model,
-               "commit_interval_s": 1.0, "once": False}
+               "group_id": "logstream-demo", "format": chosen.format, "window": chosen.window, "detector": detector,
+               "model": model, "commit_interval_s": 1.0, "once": once}
     try:
         scorer = load_detector(Settings(**options))  # before the broker: a model that cannot load stops here, plainly
     except DetectorNotReady as exc:
@@ -84,26 +145,29 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int = 2
 
         def feed() -> None:
             sent = produce_file(bootstrap_servers=broker.bootstrap_servers, topic=RAW_TOPIC,
-                                path=sample_path("BGL_2k.log"), rate=400.0, limit=lines)
-            print(f"streamed {sent} BGL lines into {RAW_TOPIC}", file=sys.stderr)
+                                path=sample_path(chosen.sample), rate=400.0, limit=lines)
+            print(f"streamed {sent} {dataset.upper()} lines into {RAW_TOPIC}", file=sys.stderr)
 
         feeder = threading.Thread(target=feed, name="logstream-demo-feed", daemon=True)
         feeder.start()
+        if once:  # the consumer reads to the end offsets it finds at start: the whole sample first
+            feeder.join()
         consumer_thread.start()
-        print(f"printing alerts from {ALERTS_TOPIC} as they arrive (detector: {detector})", file=sys.stderr)
+        print(f"printing alerts from {ALERTS_TOPIC} as they arrive (detector: {detector}, dataset: {dataset})",
+              file=sys.stderr)
         tail_stop = threading.Event()
         started = time.monotonic()
-        alerted: list[int] = []
+        alerted: list[str] = []
+
+        def identify(alert: dict[str, Any]) -> None:
+            alerted.append(str(alert["window"]["key"] if once else alert["source"]["first_offset"]))
+
         seen = tail_alerts(broker.bootstrap_servers, ALERTS_TOPIC, stop=tail_stop, from_beginning=True,
                            idle_exit_s=30.0,  # the LLM judges a batch in seconds on CPU
-                           on_alert=lambda alert: alerted.append(int(alert["source"]["first_offset"])))
+                           on_alert=identify)
         stop.set()
         consumer_thread.join(60)
-        windows, anomalous = _anomalous_windows(lines)
-        right = sum(1 for offset in alerted if offset in anomalous)
-        print(f"\n{seen} alerts in {time.monotonic() - started:.0f}s: {right} on windows with an alert-tagged "
-              f"line, {len(alerted) - right} on clean windows. The sample holds {windows} windows of 100 lines, "
-              f"{len(anomalous)} with an alert-tagged (anomalous) line.", file=sys.stderr)
+        print(_summary(chosen, lines, alerted, seen, time.monotonic() - started), file=sys.stderr)
         if keep_broker:
             print(f"broker left running at {broker.bootstrap_servers} (Ctrl-C to stop)", file=sys.stderr)
             threading.Event().wait()

@@ -27,7 +27,7 @@ import orjson
 from logstream.detectors.base import Detector, DetectorNotReady
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
-from trainer.baselines import CountVectorDetector, fit_novelty
+from trainer.baselines import CountVectorDetector, TfidfDetector, fit_novelty
 from trainer.data import DATASETS, FORMATS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split
 from trainer.report import DetectorRun, write_report
 
@@ -89,13 +89,15 @@ def run_baselines(
     batch_size: int = 256,
     seed: int = 42,
 ) -> list[DetectorRun]:
-    """The unseen-template detector and the count-vector classifier, fitted on `train`, scored on `windows`.
+    """The unseen-template detector, the count-vector and the TF-IDF classifiers, fitted on `train`, scored on `windows`.
 
     A baseline that cannot be fitted (e.g. a train split with one class for the classifier) comes
     back with `skipped` set to the reason instead of failing the evaluation.
     """
     runs = []
-    for name, fit in (("novelty", fit_novelty), ("count_vector", lambda t: CountVectorDetector.fit(t, seed=seed))):
+    fits = (("novelty", fit_novelty), ("count_vector", lambda t: CountVectorDetector.fit(t, seed=seed)),
+            ("tfidf", lambda t: TfidfDetector.fit(t, seed=seed)))
+    for name, fit in fits:
         began = time.perf_counter()
         try:
             detector = fit(train)
@@ -139,7 +141,7 @@ def evaluate(
         raise ValueError("detectors to compare need a primary detector to compare with")
     runs: list[DetectorRun] = []
     if detector is not None:
-        name = detector.name if detector.name not in ("novelty", "count_vector") else f"{detector.name} (model)"
+        name = detector.name if detector.name not in ("novelty", "count_vector", "tfidf") else f"{detector.name} (model)"
         log.info("scoring", detector=name, windows=len(windows), batch_size=batch_size)
         runs.append(score_windows(detector, windows, batch_size=batch_size, name=name, progress=progress))
     for label, other in (compare or {}).items():

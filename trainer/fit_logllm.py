@@ -2,7 +2,8 @@
 
 The stages (../shared/papers/NOTES.md; what each one updates is `logstream.model.TRAINABLE_BY_STAGE`):
 
-  1    LLM LoRA only, lr 5e-4, on at most `--stage1-samples` (1,000) samples of the training stream.
+  1    LLM LoRA only, lr 5e-4, on at most `--stage1-samples` (1,000) distinct training windows per
+       epoch, `--epochs-stage1` (1) epochs.
        The LLM learns to answer in the template ("The sequence is normal." / "... anomalous.") and
        the class prior. As in the authors' reference code the prompt already holds the window's
        projected message vectors, made by the frozen, seeded-random projector: they carry little
@@ -13,18 +14,38 @@ The stages (../shared/papers/NOTES.md; what each one updates is `logstream.model
   2-2  projector + BERT LoRA, lr 5e-5, 1 epoch.
   3    everything, lr 5e-5, `--epochs-stage3` (2) epochs (BGL is known to need more).
 
+An epoch is one visit of every DISTINCT training window (`trainer.distinct`): windows with the same
+masked message sequence and label are one example with a weight (its count; the minority class's
+weights raised so it holds β = `--beta` (0.3) of the total: the paper's oversampling, on weights).
+While BERT is frozen (stages 1 and 2-1) each distinct message is encoded once per run and the
+vectors are reused; while its LoRA trains, once per micro-batch. So a stage costs what the distinct
+data costs, and the time saved buys epochs.
+
 Every stage: AdamW (weight decay 0.01); micro-batches of `--micro-batch` (4) windows with gradients
 accumulated over `--grad-accum` (4) of them per optimizer step; the learning rate multiplied by γ =
 `--lr-gamma` (0.7) every `--lr-decay-every` optimizer steps (default: a tenth of the stage's steps,
-rounded up, so at most ten decays per stage, as the reference code does); loss = cross-entropy over
-the answer tokens only (`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is
+rounded up, so at most ten decays per stage, as the reference code does); loss = the weighted mean over
+a step's windows of their cross-entropy over the answer tokens only (`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is
 not learning).
 
-Training stream: the train split with its minority class (anomalous, or normal as in Liberty)
-repeated until it is β = `--beta` (0.3) of the samples (`trainer.data.oversample`). Epoch e of a
-stage visits the stream in an order that is a function of (seed, stage, e) only; stage 1 takes the
-first samples of its order. So the optimizer step number is the data position, and a resumed run
-sees the same batches in the same order.
+Validation (`trainer.validation`): `--validation-fraction` (0.2) of the train split is held out
+before anything is learned (the last windows in time for BGL/Thunderbird/Liberty, a stratified
+random share of blocks for HDFS). After every stage the model scores it; the stage with the best
+validation average precision is the one shipped (ties: the later), and the decision threshold on
+P(anomalous) with the best validation F1 is stored in logllm.json, where the consumer reads it (the
+alert score maps it to 50). A validation share without an anomalous window falls back to 0.5 and
+the last stage, with a warning and the reason in the summary. The test split is never looked at
+before the final evaluation.
+
+Data order: epoch e of a stage visits the distinct windows in an order that is a function of (seed,
+stage, e) only; stage 1 takes the first samples of its order. So the optimizer step number is the
+data position, and a resumed run sees the same batches in the same order.
+
+CPU levers (bench/RESULTS.md has their measured effect): `--llm-layers N` keeps the LLM's first N
+decoder layers (stored in the artifact; the consumer loads the same shallow model), `--bf16`
+runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/AVX512-BF16),
+`--collapse-repeats` gives a run of identical consecutive messages to the LLM once (a shorter
+prompt), `--threads`. The paper's recipe stays: all layers, and on CUDA 4-bit NF4 + bf16 + checkpointing.
 
 Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
 in eval mode, before and after it (`probe_before`, `probe_after` in the summary), besides the mean
@@ -38,8 +59,9 @@ each step's micro-batches are dealt out over the processes and their gradients s
 Files in `--output DIR`: the artifact (`logllm.json`, `projector.safetensors`, `embedder_lora/`,
 `llm_lora/`), replaced after every finished stage (logllm.json last, so a reader never takes half
 an artifact for a whole one); `checkpoints/` (run.json with the settings, `stage-<s>.pt` per stage:
-trainable weights, optimizer, scheduler, RNG, step, losses); `report/` (test-split evaluation beside
-the baselines); `fit-summary.json` (also the last stdout line).
+trainable weights, optimizer, scheduler, RNG, step, losses, validation scores); `report/` (test-split
+evaluation beside the baselines, validation figures beside it; `report/validation/` the same on the
+validation share); `fit-summary.json` (also the last stdout line).
 """
 
 from __future__ import annotations
@@ -74,9 +96,11 @@ from logstream.model import (
     pick_device,
 )
 from logstream.settings import Settings
-from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, oversample, summarize
+from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, summarize
+from trainer.distinct import DistinctWindow, weighted_distinct
 from trainer.distributed import World, WorldError
 from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
+from trainer.validation import Decision, carve_validation, choose_threshold, validation_ap
 
 log = get_logger(__name__)
 
@@ -88,7 +112,8 @@ SETTINGS_FLAGS = ("window_size", "window_stride", "session_gap", "session_grace"
                   "session_max_open", "device", "embedder", "llm", "cache_dir", "load_in_4bit", "max_messages",
                   "batch_size", "log_level")
 DEFAULT_LR = {"1": 5e-4, "2-1": 5e-4, "2-2": 5e-5, "3": 5e-5}
-DEFAULT_EPOCHS = {"2-1": 1, "2-2": 1, "3": 2}
+DEFAULT_EPOCHS = {"1": 1, "2-1": 1, "2-2": 1, "3": 2}
+CHRONOLOGICAL = {"bgl", "thunderbird", "liberty"}  # validation = the latest train windows; HDFS: stratified
 
 
 class FitError(RunError):
@@ -120,30 +145,55 @@ class FitConfig:
     lr_gamma: float
     lr_decay_every: int | None
     probe_windows: int
+    validation_fraction: float = 0.2
+    llm_layers: int | None = None
+    bf16: bool = False
+    collapse_repeats: bool = False
 
 
 # --- the training stream --------------------------------------------------------------------------
 
 
-def training_stream(train: Sequence[LabeledWindow], beta: float, seed: int) -> list[LabeledWindow]:
-    """The train windows with the minority class oversampled to `beta`; both classes are required."""
+def training_set(train: Sequence[LabeledWindow], beta: float, max_messages: int,
+                 collapse_repeats: bool = False) -> list[DistinctWindow]:
+    """The distinct train windows, weighted (minority class at `beta` of the weight); both classes required."""
     counts = summarize(train)
     if counts["anomalous"] == 0 or counts["normal"] == 0:
         missing = "anomalous" if counts["anomalous"] == 0 else "normal"
         raise FitError(f"the train split has no {missing} window ({counts['windows']} windows): LogLLM is a "
                        "classifier and needs both classes (raise --max-windows, use more data, or train the "
                        "unsupervised detector with fit-logllama)")
-    return oversample(train, beta=beta, seed=seed)
+    return weighted_distinct(train, max_messages, beta, collapse_repeats)
 
 
-def epoch_order(size: int, seed: int, stage: str, epoch: int) -> list[int]:
-    """Stream positions in the order stage `stage` visits them in epoch `epoch`: a function of its arguments only."""
+LENGTH_POOL = 16  # micro-batches per pool of similar-length windows (`epoch_order`)
+
+
+def epoch_order(size: int, seed: int, stage: str, epoch: int, lengths: Sequence[int] | None = None,
+                micro_batch: int = 1) -> list[int]:
+    """Stream positions in the order stage `stage` visits them in epoch `epoch`: a function of its arguments only.
+
+    With `lengths` (prompt messages per window), windows of similar length share a micro-batch, so
+    little of a left-padded batch is padding: the shuffled order is cut into pools of
+    `LENGTH_POOL` micro-batches, each pool sorted by length and cut into micro-batches, and those
+    shuffled again within the pool. Every window is still visited once per epoch.
+    """
+    rng = random.Random(f"{seed}/{stage}/{epoch}")
     order = list(range(size))
-    random.Random(f"{seed}/{stage}/{epoch}").shuffle(order)
-    return order
+    rng.shuffle(order)
+    if lengths is None or micro_batch <= 1:
+        return order
+    pool = LENGTH_POOL * micro_batch
+    result: list[int] = []
+    for start in range(0, size, pool):
+        ranked = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        chunks = [ranked[j : j + micro_batch] for j in range(0, len(ranked), micro_batch)]
+        rng.shuffle(chunks)
+        result.extend(i for chunk in chunks for i in chunk)
+    return result
 
 
-def probe_set(train: Sequence[LabeledWindow], size: int, beta: float, seed: int) -> list[LabeledWindow]:
+def probe_set(train: Sequence[DistinctWindow], size: int, beta: float, seed: int) -> list[DistinctWindow]:
     """A fixed set of distinct training windows (about `beta` of them anomalous) to measure each stage's loss on."""
     if size <= 0:
         return []
@@ -173,17 +223,17 @@ class Plan:
     @classmethod
     def make(cls, stage: str, config: FitConfig, stream_size: int) -> Plan:
         samples = min(config.stage1_samples, stream_size) if stage == "1" else stream_size
-        epochs = 1 if stage == "1" else config.epochs[stage]
+        epochs = config.epochs.get(stage, 1)
         micro = math.ceil(samples / config.micro_batch)
         steps = math.ceil(micro / config.grad_accum)
         decay = config.lr_decay_every or math.ceil(steps * epochs / 10)  # at most ten decays per stage
         return cls(stage, samples, epochs, micro, steps, decay)
 
     def micro_batches(self, step: int, stream_size: int, seed: int, micro_batch: int,
-                      grad_accum: int) -> list[list[int]]:
+                      grad_accum: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
         """Stream positions of each micro-batch of optimizer step `step` (0-based, counted over all epochs)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = epoch_order(stream_size, seed, self.stage, epoch)[: self.samples]
+        order = epoch_order(stream_size, seed, self.stage, epoch, lengths, micro_batch)[: self.samples]
         first = within * grad_accum
         last = min(first + grad_accum, self.micro_per_epoch)
         return [order[m * micro_batch : (m + 1) * micro_batch] for m in range(first, last)]
@@ -250,12 +300,23 @@ def publish_artifact(model: LogLLM, output: Path) -> None:
 
 @dataclass
 class Prepared:
-    """The split, the oversampled training stream and the probe windows."""
+    """The split, the validation share carved from its train part, the distinct weighted training set, the probe."""
 
     split: Split
-    stream: list[LabeledWindow]
-    probe: list[LabeledWindow]
+    fit_train: list[LabeledWindow]  # the train split minus the validation share: what the model learns from
+    validation: list[LabeledWindow]
+    stream: list[DistinctWindow]  # distinct fit_train windows, weighted; an epoch visits each once
+    probe: list[DistinctWindow]
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self) -> list[str]:
+        """Every distinct message the run scores: training, probe and validation windows."""
+        seen: dict[str, None] = {}
+        for item in self.stream:
+            seen.update(dict.fromkeys(item.templates))
+        for labeled in self.validation:
+            seen.update(dict.fromkeys(labeled.window.templates))
+        return list(seen)
 
 
 class Trainer:
@@ -274,6 +335,7 @@ class Trainer:
         self.model: LogLLM | None = None
         self.coverage: TrainingCoverage | None = None  # set by prepare(), written into the artifact
         self.weights_of: str | None = None  # the done stage whose weights the model holds (None: fresh)
+        self.vectors: dict[str, torch.Tensor] | None = None  # frozen-encoder vectors; None once the encoder moves
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -281,12 +343,18 @@ class Trainer:
         c = self.config
         split = load_split(c.dataset, Path(c.logs), Path(c.labels) if c.labels else None, seed=c.seed,
                            train_fraction=c.train_fraction, max_windows=c.max_windows, **c.window)
-        stream = training_stream(split.train, c.beta, c.seed)
-        probe = probe_set(split.train, c.probe_windows, c.beta, c.seed)
-        minority = min(sum(1 for w in stream if w.label), sum(1 for w in stream if not w.label))
+        fit_train, validation = carve_validation(split.train, c.validation_fraction,
+                                                 chronological=c.dataset in CHRONOLOGICAL, seed=c.seed)
+        stream = training_set(fit_train, c.beta, c.max_messages, c.collapse_repeats)
+        probe = probe_set(stream, c.probe_windows, c.beta, c.seed)
+        weight = sum(w.weight for w in stream)
         stats = {
-            "train": summarize(split.train), "test": summarize(split.test), "stream": len(stream),
-            "stream_anomalous": sum(1 for w in stream if w.label), "minority_share": round(minority / len(stream), 4),
+            "train": summarize(split.train), "fit_train": summarize(fit_train), "validation": summarize(validation),
+            "validation_rule": ("chronological (latest train windows)" if c.dataset in CHRONOLOGICAL else
+                                "stratified random share of blocks"),
+            "test": summarize(split.test), "distinct": len(stream),
+            "distinct_anomalous": sum(1 for w in stream if w.label),
+            "anomalous_weight_share": round(sum(w.weight for w in stream if w.label) / weight, 4),
             "stage1_samples": min(c.stage1_samples, len(stream)), "probe_windows": len(probe),
             "test_windows_in_train": split.stats.get("overlap", {}).get("test_windows_in_train"),
         }
@@ -296,7 +364,7 @@ class Trainer:
         self.coverage = TrainingCoverage.measure(
             f"{c.dataset} {c.logs}", (t for w in split.train for t in w.window.templates),
             (t for w in split.test for t in w.window.templates))
-        return Prepared(split, stream, probe, stats)
+        return Prepared(split, fit_train, validation, stream, probe, stats)
 
     # --- the model --------------------------------------------------------------------------------
 
@@ -306,7 +374,8 @@ class Trainer:
         torch.manual_seed(c.seed)
         model = LogLLM.build(embedder=c.embedder, llm=c.llm, cache_dir=self.settings.cache_dir,
                              device=self.settings.device, load_in_4bit=c.load_in_4bit,
-                             max_messages=c.max_messages, seed=c.seed)
+                             max_messages=c.max_messages, seed=c.seed, llm_layers=c.llm_layers,
+                             collapse_repeats=c.collapse_repeats)
         model.attach_lora()
         if c.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -335,6 +404,7 @@ class Trainer:
             else:
                 load_trainable_state(self.model, done[source]["weights"])
             self.weights_of = source
+            self.vectors = None
         return source
 
     # --- stages -----------------------------------------------------------------------------------
@@ -383,9 +453,14 @@ class Trainer:
             self._restore_rng(saved, stage)
             state = {key: saved[key] for key in ("step", "seconds", "losses", "probe_before")}
             self.weights_of = None  # mid-stage weights belong to no done stage
+            self.vectors = None
             log.info("checkpoint_restored", stage=stage, step=state["step"], total=plan.total_steps)
         self.train_steps(plan, data, optimizer, scheduler, state)
+        if TRAINABLE_BY_STAGE[stage]["embedder_lora"]:
+            self.vectors = None  # the encoder moved: its cached vectors are stale
         probe_after = self.probe(data)
+        validation_p = self.validation_probabilities(data)
+        labels = [w.label for w in data.validation]
         losses = state["losses"]
         quarter = max(1, len(losses) // 4)
         info = {
@@ -393,8 +468,11 @@ class Trainer:
             "samples_per_epoch": plan.samples, "micro_batches": len(losses), "lr": c.lr[stage],
             "lr_decay_every": plan.decay_every, "loss_first": mean(losses[:quarter]),
             "loss_last": mean(losses[-quarter:]), "probe_before": state["probe_before"], "probe_after": probe_after,
+            "validation": {"windows": len(labels), "anomalous": sum(labels),
+                           "average_precision": validation_ap(labels, validation_p)},
         }
-        payload = {**self._payload(stage, state, optimizer, scheduler), "done": True, "info": info}
+        payload = {**self._payload(stage, state, optimizer, scheduler), "done": True, "info": info,
+                   "validation_p": validation_p}
 
         def publish() -> None:
             model.coverage = self.coverage
@@ -415,19 +493,27 @@ class Trainer:
         self._train_mode(plan.stage)
         began = time.perf_counter() - state["seconds"]
         world = self.world
+        vectors = None if TRAINABLE_BY_STAGE[plan.stage]["embedder_lora"] else self.frozen_vectors(data)
+        lengths = [len(w.templates) for w in data.stream]
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         bar = progress_bar(plan.total_steps, state["step"], f"stage {plan.stage}", shown=world.main)
         windows_seen, window_began = 0, time.perf_counter()
         try:
             while state["step"] < plan.total_steps:
                 step = state["step"]
-                micro_batches = plan.micro_batches(step, len(data.stream), c.seed, c.micro_batch, c.grad_accum)
+                micro_batches = [[data.stream[i] for i in m] for m in
+                                 plan.micro_batches(step, len(data.stream), c.seed, c.micro_batch, c.grad_accum,
+                                                    lengths)]
                 in_step = sum(len(m) for m in micro_batches)
+                step_weight = sum(w.weight for m in micro_batches for w in m)
                 mine: list[tuple[int, float]] = []  # (micro-batch index, loss): this rank's share of the step
                 for index in range(world.rank, len(micro_batches), world.size):
-                    batch = [data.stream[i] for i in micro_batches[index]]
-                    loss = model.loss([w.window.templates for w in batch], [w.label for w in batch])
-                    (loss * (len(batch) / in_step)).backward()
+                    batch = micro_batches[index]
+                    weights = [w.weight for w in batch]
+                    with self._autocast():
+                        loss = model.loss([w.templates for w in batch], [w.label for w in batch], vectors=vectors,
+                                          weights=weights)
+                    (loss * (sum(weights) / step_weight)).backward()
                     mine.append((index, round(loss.item(), 5)))
                 world.sum_gradients(parameters)
                 state["losses"].extend(value for _, value in sorted(x for part in world.gather(mine) for x in part))
@@ -464,21 +550,98 @@ class Trainer:
         if not opens["llm_lora"]:
             model.llm.eval()
 
+    def _autocast(self) -> Any:
+        """bfloat16 autocast on CPU with `--bf16` (weights and optimizer stay float32); otherwise nothing."""
+        assert self.model is not None
+        enabled = self.config.bf16 and self.model.device.type == "cpu"
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    def frozen_vectors(self, data: Prepared) -> dict[str, torch.Tensor]:
+        """Encoder vectors of every distinct message of the run, for the encoder's current weights.
+
+        Computed once (eval mode, no gradients) and reused until the encoder's weights change.
+        """
+        model = self.model
+        assert model is not None
+        if self.vectors is None:
+            began = time.perf_counter()
+            was_training = model.embedder.training
+            model.embedder.eval()
+            self.vectors = model.encode_distinct(data.messages())
+            model.embedder.train(was_training)
+            log.info("messages_encoded", distinct=len(self.vectors), seconds=round(time.perf_counter() - began, 2))
+        return self.vectors
+
     def probe(self, data: Prepared) -> float | None:
         """Mean answer-token loss on the fixed probe windows, in eval mode, no gradients."""
         model = self.model
         assert model is not None
         if not data.probe:
             return None
+        vectors = self.frozen_vectors(data)
         was_training = model.training
         model.eval()
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(data.probe), self.config.micro_batch):
                 batch = data.probe[start : start + self.config.micro_batch]
-                total += model.loss([w.window.templates for w in batch], [w.label for w in batch]).item() * len(batch)
+                loss = model.loss([w.templates for w in batch], [w.label for w in batch], vectors=vectors)
+                total += loss.item() * len(batch)
         model.train(was_training)
         return round(total / len(data.probe), 5)
+
+    def validation_probabilities(self, data: Prepared) -> list[float]:
+        """P(anomalous) of each validation window as served (eval mode, float32), distinct sequences scored once."""
+        model = self.model
+        assert model is not None
+        if not data.validation:
+            return []
+        vectors = self.frozen_vectors(data)
+        sequences = [tuple(model.cap(w.window.templates)) for w in data.validation]
+        distinct = sorted(dict.fromkeys(sequences), key=len)
+        was_training = model.training
+        model.eval()
+        found: dict[tuple[str, ...], float] = {}
+        with torch.no_grad():
+            for start in range(0, len(distinct), 16):
+                chunk = distinct[start : start + 16]
+                p = model.anomaly_probability([torch.stack([vectors[m] for m in seq]) for seq in chunk])
+                found.update(zip(chunk, p.tolist()))
+        model.train(was_training)
+        return [round(found[seq], 7) for seq in sequences]
+
+    def finish(self, data: Prepared) -> None:
+        """Ship the stage with the best validation AP, with the validation-chosen threshold in logllm.json."""
+        done = self.done_stages()
+        if not done:
+            return
+        order = [s for s in STAGES if s in done]
+        scored = [s for s in order if done[s]["info"].get("validation", {}).get("average_precision") is not None]
+        best = max(scored, key=lambda s: (done[s]["info"]["validation"]["average_precision"], STAGES.index(s))) \
+            if scored else order[-1]
+        labels = [w.label for w in data.validation]
+        decision: Decision = choose_threshold(labels, done[best].get("validation_p", []))
+        if decision.source == "fallback":
+            log.warning("threshold_fallback", reason=decision.reason, stage=best)
+        if self.model is None:
+            self.model = self.build_model()
+        if self.weights_of != best:
+            load_trainable_state(self.model, done[best]["weights"])
+            self.weights_of = best
+            self.vectors = None
+        model = self.model
+        model.coverage = self.coverage
+        model.threshold = decision.threshold
+        model.decision = {**decision.as_dict(), "stage": best,
+                          "validation_average_precision": done[best]["info"]["validation"]["average_precision"]
+                          if best in scored else None}
+        self.world.on_main(lambda: publish_artifact(model, self.output))
+        self.summary["selected"] = {"stage": best, "by": "validation average precision" if scored else
+                                    "last stage (no validation average precision: no anomalous validation window)",
+                                    "validation_ap": {s: done[s]["info"]["validation"]["average_precision"]
+                                                      for s in order},
+                                    "decision": model.decision}
+        log.info("stage_selected", **self.summary["selected"])
 
     def _payload(self, stage: str, state: dict[str, Any], optimizer: torch.optim.Optimizer,
                  scheduler: Any) -> dict[str, Any]:
@@ -541,10 +704,15 @@ def add_parser(subparsers: Any) -> None:
     data.add_argument("--seed", type=int, default=42,
                       help="seed of the split, oversampling, projector and LoRA initialisation, data order")
     data.add_argument("--train-fraction", type=float, default=0.8, help="share of the dump used for training")
-    data.add_argument("--beta", type=float, default=0.3, help="minority class share after oversampling")
+    data.add_argument("--beta", type=float, default=0.3,
+                      help="minority class share of the training weight (oversampling on weights)")
+    data.add_argument("--validation-fraction", type=float, default=0.2,
+                      help="share of the train split held out to pick the stage and the threshold (0: none; "
+                           "the threshold then falls back to 0.5)")
     train = parser.add_argument_group("training")
     train.add_argument("--stages", default="1,2,3", help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated")
-    train.add_argument("--stage1-samples", type=int, default=1000, help="samples of the stream stage 1 learns from")
+    train.add_argument("--stage1-samples", type=int, default=1000,
+                       help="distinct training windows per stage-1 epoch (at most)")
     for stage, epochs in DEFAULT_EPOCHS.items():
         train.add_argument(f"--epochs-stage{stage}", dest=f"epochs_stage{stage.replace('-', '_')}", type=int,
                            default=epochs, help=f"epochs of stage {stage} (default %(default)s)")
@@ -564,6 +732,15 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoints")
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice; on a shared CPU 1 is often fastest)")
+    train.add_argument("--llm-layers", type=int, default=None,
+                       help="keep the LLM's first N decoder layers (default: all, the paper's recipe); stored in "
+                            "the artifact, so the consumer serves the same model")
+    train.add_argument("--collapse-repeats", action=argparse.BooleanOptionalAction, default=False,
+                       help="give a run of identical consecutive masked messages to the LLM once (a shorter "
+                            "prompt: ~4x on BGL windows); stored in the artifact, the consumer does the same")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                       help="bfloat16 autocast for training on CPU (needs native bf16: AMX or AVX512-BF16); "
+                            "on CUDA the LLM computes in bf16 anyway")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--report", type=Path, default=None, help="evaluation report directory (default DIR/report)")
     evaluation.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
@@ -575,8 +752,8 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
     """The run's FitConfig from the flags; contradictions are FitErrors."""
     from trainer.evaluate import session_options
 
-    for name in ("micro_batch", "grad_accum", "stage1_samples", "epochs_stage2_1", "epochs_stage2_2",
-                 "epochs_stage3", "checkpoint_every"):
+    for name in ("micro_batch", "grad_accum", "stage1_samples", "epochs_stage1", "epochs_stage2_1",
+                 "epochs_stage2_2", "epochs_stage3", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise FitError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr_decay_every is not None and args.lr_decay_every < 1:
@@ -585,6 +762,10 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         raise FitError("--lr-gamma must be in (0, 1]")
     if args.probe_windows < 0:
         raise FitError("--probe-windows must be 0 or more")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise FitError("--validation-fraction must be at least 0 and below 1")
+    if args.llm_layers is not None and args.llm_layers < 1:
+        raise FitError("--llm-layers must be at least 1")
     if args.dataset == "hdfs" and args.labels is None:
         raise FitError("HDFS needs --labels (anomaly_label.csv): LogLLM learns from labelled windows")
     device = pick_device(settings.device)
@@ -602,9 +783,11 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         embedder=str(settings.embedder) if settings.embedder else None, llm=str(settings.llm) if settings.llm else None,
         max_messages=settings.max_messages, load_in_4bit=load_in_4bit, gradient_checkpointing=checkpointing,
         beta=args.beta, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=lrs,
-        epochs={"2-1": args.epochs_stage2_1, "2-2": args.epochs_stage2_2, "3": args.epochs_stage3},
+        epochs={"1": args.epochs_stage1, "2-1": args.epochs_stage2_1, "2-2": args.epochs_stage2_2,
+                "3": args.epochs_stage3},
         stage1_samples=args.stage1_samples, lr_gamma=args.lr_gamma, lr_decay_every=args.lr_decay_every,
-        probe_windows=args.probe_windows,
+        probe_windows=args.probe_windows, validation_fraction=args.validation_fraction, llm_layers=args.llm_layers,
+        bf16=bool(args.bf16) and device.type == "cpu", collapse_repeats=bool(args.collapse_repeats),
     )
 
 
@@ -623,6 +806,7 @@ def fit(args: argparse.Namespace, settings: Settings, world: World | None = None
             data = trainer.prepare()
             started = time.perf_counter()
             trainer.run(stages, data)
+            trainer.finish(data)
             trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
             trainer.summary["processes"] = world.size
             trainer.model = None  # free it: the evaluation loads the artifact as the consumer does
@@ -640,7 +824,12 @@ def fit(args: argparse.Namespace, settings: Settings, world: World | None = None
 
 def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
                  data: Prepared) -> dict[str, Any] | None:
-    """The test split scored by the artifact as `logstream run` loads it, beside the two baselines."""
+    """The test split scored by the artifact as `logstream run` loads it, beside the baselines; the
+    validation share the same way, side by side in the report.
+
+    The baselines are fitted on the windows the model learned from (the train split minus the
+    validation share), so every detector has seen the same data.
+    """
     from logstream.detectors.logllm import LogLLMDetector
     from trainer.evaluate import evaluate
 
@@ -653,12 +842,26 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
         return None
     serving = settings.model_copy(update={"detector": "logllm", "model": args.output, "load_in_4bit": False})
     detector = LogLLMDetector.from_settings(serving)
+    report = args.report or args.output / "report"
+    context = {"argv": sys.argv[1:], "fit": trainer.summary["stages"], "selected": trainer.summary.get("selected"),
+               "baselines_fitted_on": "the train split minus the validation share"}
     try:
-        return evaluate(data.split, args.report or args.output / "report", detector=detector, model=str(args.output),
-                        batch_size=settings.batch_size, seed=trainer.config.seed,
-                        context={"argv": sys.argv[1:], "fit": trainer.summary["stages"]})
+        validation = None
+        if any(w.label for w in data.validation):
+            stats = {**data.split.stats, "test": summarize(data.validation)}
+            validation = evaluate(Split(data.fit_train, data.validation, stats), report / "validation",
+                                  detector=detector, model=str(args.output), part="test",
+                                  batch_size=settings.batch_size, seed=trainer.config.seed, progress=False,
+                                  context={**context, "evaluated": "validation share"})
+        test = evaluate(Split(data.fit_train, data.split.test, data.split.stats), report, detector=detector,
+                        model=str(args.output), batch_size=settings.batch_size, seed=trainer.config.seed,
+                        context={**context, "validation": validation})
     finally:
         detector.close()
+    test["validation"] = None if validation is None else {
+        key: validation[key] for key in ("precision", "recall", "f1", "average_precision", "windows",
+                                         "anomalous_windows", "baselines")}
+    return test
 
 
 def run(args: argparse.Namespace) -> int:

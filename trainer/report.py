@@ -204,6 +204,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _side_by_side(validation: dict[str, Any], test: dict[str, Any]) -> str:
+    """Validation (where the stage and the threshold were chosen) next to this split, per detector."""
+    rows = ["## Validation and test side by side\n",
+            f"Validation: {validation['windows']} windows ({validation['anomalous_windows']} anomalous), held out "
+            "of the train split; the stage and the decision threshold were chosen on it. Test: the windows above.\n",
+            "| detector | validation P / R / F1 | test P / R / F1 |", "|---|---|---|"]
+
+    def prf(entry: dict[str, Any] | None) -> str:
+        if not entry or "f1" not in entry:
+            return "–"
+        return f"{_fmt(entry['precision'])} / {_fmt(entry['recall'])} / {_fmt(entry['f1'])}"
+
+    rows.append(f"| {test['detector']} | {prf(validation)} | {prf(test)} |")
+    for name, entry in test.get("baselines", {}).items():
+        rows.append(f"| {name} | {prf(validation.get('baselines', {}).get(name))} | {prf(entry)} |")
+    return "\n".join(rows) + "\n"
+
+
 def _markdown(body: dict[str, Any], runs: Sequence[DetectorRun], windows: Sequence[LabeledWindow]) -> str:
     context, data, summary = body["context"], body["data"], body["summary"]
     out: list[str] = []
@@ -235,6 +253,8 @@ def _markdown(body: dict[str, Any], runs: Sequence[DetectorRun], windows: Sequen
                 f"{best['threshold']:g} (tuned on the evaluated windows: optimistic).")
     add(f"\nEvaluated {summary['windows']} windows ({summary['anomalous_windows']} anomalous). "
         f"Primary detector scored them in {summary['seconds']:.2f} s.\n")
+    if context.get("validation"):
+        add(_side_by_side(context["validation"], summary))
 
     add("## Data and split\n")
     add(f"- Split: {data.get('split_rule')}; seed {data.get('seed')}, train fraction {data.get('train_fraction')}.")

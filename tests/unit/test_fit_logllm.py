@@ -1,9 +1,8 @@
-"""`logstream-train fit` without models: stage choice, schedules, data order, oversampled stream, probe set."""
+"""`logstream-train fit` without models: stage choice, schedules, data order, weighted distinct set, probe set."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from trainer.fit_logllm import (
     epoch_order,
     parse_stages,
     probe_set,
-    training_stream,
+    training_set,
 )
 
 
@@ -38,6 +37,7 @@ def config(**overrides: object) -> FitConfig:
         "gradient_checkpointing": False, "beta": 0.3, "micro_batch": 4, "grad_accum": 4,
         "lr": {"1": 5e-4, "2-1": 5e-4, "2-2": 5e-5, "3": 5e-5}, "epochs": {"2-1": 1, "2-2": 1, "3": 2},
         "stage1_samples": 1000, "lr_gamma": 0.7, "lr_decay_every": None, "probe_windows": 16,
+        "validation_fraction": 0.2, "llm_layers": None, "bf16": False,
     }
     base.update(overrides)
     return FitConfig(**base)  # type: ignore[arg-type]
@@ -54,25 +54,35 @@ def test_stages_are_named_as_in_the_paper_and_run_in_its_order() -> None:
 
 
 @pytest.mark.parametrize(("anomalous", "normal"), [(3, 97), (1, 40), (90, 10), (30, 70), (45, 55)])
-def test_the_training_stream_holds_the_minority_class_at_beta(anomalous: int, normal: int) -> None:
-    """Anomalous or normal, the minority is repeated to >= 30 % of the stream, and not one copy more."""
+def test_the_training_set_weighs_the_minority_class_at_beta(anomalous: int, normal: int) -> None:
+    """Anomalous or normal, the minority holds >= 30 % of the weight (exactly 30 % when raised); nothing dropped."""
     train = windows(anomalous, normal)
-    stream = training_stream(train, beta=0.3, seed=1)
-    counts = Counter(item.label for item in stream)
+    distinct = training_set(train, beta=0.3, max_messages=128)
+    weight = {label: sum(w.weight for w in distinct if w.label == label) for label in (True, False)}
     minority_label = anomalous <= normal
-    minority, majority = counts[minority_label], counts[not minority_label]
-    assert majority == max(anomalous, normal)  # the majority is never repeated
-    assert minority / len(stream) >= 0.3
-    if minority > min(anomalous, normal):  # oversampled: the smallest count that reaches beta
-        assert (minority - 1) / (len(stream) - 1) < 0.3
-    assert {id(item.window) for item in stream} == {id(item.window) for item in train}  # nothing dropped
+    assert weight[not minority_label] == max(anomalous, normal)  # the majority keeps weight 1 per window
+    share = weight[minority_label] / (weight[True] + weight[False])
+    assert share >= 0.3 - 1e-9
+    if min(anomalous, normal) / (anomalous + normal) < 0.3:
+        assert share == pytest.approx(0.3)
+    assert {id(item.example.window) for item in distinct} == {id(item.window) for item in train}
+
+
+def test_repeated_windows_are_one_example_with_their_count() -> None:
+    """Windows with the same masked sequence and label collapse; the same sequence with the other label stays."""
+    train = windows(2, 3) + windows(2, 3)[:3] + windows(2, 3)[2:3]  # m0 m1 (anomalous) x2, m2 x3 ...
+    distinct = training_set(train, beta=0.3, max_messages=128)
+    counts = {(item.templates, item.label): item.count for item in distinct}
+    assert counts[(("m0",), True)] == 2 and counts[(("m2",), False)] == 3 and counts[(("m3",), False)] == 1
+    assert sum(item.count for item in distinct) == len(train)
+    assert [item.templates for item in distinct] == [("m0",), ("m1",), ("m2",), ("m3",), ("m4",)]  # first seen
 
 
 def test_a_train_split_with_one_class_is_refused_with_a_reason() -> None:
     with pytest.raises(FitError, match="no anomalous window"):
-        training_stream(windows(0, 20), beta=0.3, seed=1)
+        training_set(windows(0, 20), beta=0.3, max_messages=128)
     with pytest.raises(FitError, match="no normal window"):
-        training_stream(windows(5, 0), beta=0.3, seed=1)
+        training_set(windows(5, 0), beta=0.3, max_messages=128)
 
 
 def test_each_epoch_visits_every_sample_once_in_an_order_fixed_by_seed_stage_and_epoch() -> None:
@@ -89,9 +99,10 @@ def test_each_epoch_visits_every_sample_once_in_an_order_fixed_by_seed_stage_and
     assert [len(b) for b in plan.micro_batches(6, stream_size, 7, 3, 2)] == [1]  # the epoch's short tail
 
 
-def test_stage_one_takes_at_most_its_sample_budget_and_one_epoch() -> None:
-    plan = Plan.make("1", config(stage1_samples=1000, epochs={"2-1": 1, "2-2": 1, "3": 5}), 5000)
+def test_stage_one_takes_at_most_its_sample_budget_per_epoch() -> None:
+    plan = Plan.make("1", config(stage1_samples=1000, epochs={"1": 1, "2-1": 1, "2-2": 1, "3": 5}), 5000)
     assert (plan.samples, plan.epochs, plan.micro_per_epoch, plan.total_steps) == (1000, 1, 250, 63)
+    assert Plan.make("1", config(epochs={"1": 3}), 5000).epochs == 3
     small = Plan.make("1", config(), 90)
     assert small.samples == 90  # never more than one pass over the stream (as the reference code)
 
@@ -112,10 +123,23 @@ def test_the_learning_rate_decays_at_most_ten_times_per_stage_by_default() -> No
 
 
 def test_probe_windows_are_distinct_fixed_and_hold_both_classes() -> None:
-    train = windows(6, 60)
+    train = training_set(windows(6, 60), 0.3, 128)
     probe = probe_set(train, 16, beta=0.3, seed=3)
     assert len(probe) == 16 and len({id(w) for w in probe}) == 16
     assert sum(w.label for w in probe) == math.floor(16 * 0.3 + 0.5)
-    assert [w.window.window_id for w in probe] == [w.window.window_id for w in probe_set(train, 16, 0.3, 3)]
+    assert [w.templates for w in probe] == [w.templates for w in probe_set(train, 16, 0.3, 3)]
     assert probe_set(train, 0, 0.3, 3) == []
-    assert len(probe_set(windows(1, 2), 16, 0.3, 3)) == 3
+    assert len(probe_set(training_set(windows(1, 2), 0.3, 128), 16, 0.3, 3)) == 3
+
+
+def test_length_pools_put_similar_windows_together_and_still_visit_each_once() -> None:
+    lengths = [(i * 37) % 100 + 1 for i in range(200)]
+    order = epoch_order(200, 7, "3", 0, lengths, micro_batch=4)
+    assert sorted(order) == list(range(200))
+    assert order == epoch_order(200, 7, "3", 0, lengths, micro_batch=4)  # resumable
+    batches = [order[i : i + 4] for i in range(0, 200, 4)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    shuffled = epoch_order(200, 7, "3", 0)
+    plain = sum(max(lengths[i] for i in shuffled[j : j + 4]) - min(lengths[i] for i in shuffled[j : j + 4])
+                for j in range(0, 200, 4)) / 50
+    assert spread < plain / 4  # padding within a micro-batch is a fraction of a random batch's
