@@ -199,7 +199,8 @@ def test_sigterm_publishes_commits_and_leaves_the_group(bootstrap: str, tmp_path
     group = f"{topic}.g"
     process = logstream_process(
         ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--alerts-topic", f"{topic}.alerts", "--dlq-topic",
-         f"{topic}.dlq", "--group-id", group, "--format", "bgl", "--emit", "all", "--shutdown-timeout-s", "10",
+         f"{topic}.dlq", "--group-id", group, "--format", "bgl", "--detector", "null", "--emit", "all",
+         "--shutdown-timeout-s", "10",
          "--commit-interval-s", "30", "--max-poll-interval-ms", "10000", "--session-timeout-ms", "6000"],
         tmp_path / "term.log")
     assert wait_for(lambda: len(read_alerts(bootstrap, f"{topic}.alerts", idle_s=0.2)) >= 10, timeout=60)
