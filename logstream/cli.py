@@ -13,10 +13,12 @@ import threading
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
+from logstream import __version__
 from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
@@ -27,6 +29,44 @@ Command = Callable[[argparse.Namespace], int]
 
 
 # --- Settings -> argparse ------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit 2): the problem and where the help is, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends a flag's default to its help unless the help already says it (or there is none to say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a Settings field: LOGSTREAM_<NAME>."""
+    return f"LOGSTREAM_{field_name.upper()}"
+
+
+def _settings_help(name: str, field: FieldInfo) -> str:
+    """The field's description, its default (unless the description explains it) and its variable."""
+    default = field.get_default(call_default_factory=True)
+    text = (field.description or "").replace("%", "%%")
+    if default in (None, [], {}):
+        shown = None if "default" in text else "unset"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = str(default).replace("%", "%%")
+    parts = ([f"default: {shown}"] if shown is not None else []) + [f"env {env_name(name)}"]
+    return f"{text} [{'; '.join(parts)}]"
 
 
 def _flag(name: str) -> str:
@@ -51,7 +91,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, only: Sequence[str] 
         if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
             annotation = next(a for a in args if a is not type(None))
             args, origin = typing.get_args(annotation), typing.get_origin(annotation)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.description, "dest": name}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _settings_help(name, field), "dest": name}
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is list:
@@ -137,10 +177,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    from logstream.basemodels import CacheDirError, writable_cache_dir
     from logstream.broker import EmbeddedBroker
 
     configure_logging("INFO")
-    data_dir = args.data_dir or (Settings().cache_dir / "broker")
+    try:
+        data_dir = writable_cache_dir(args.data_dir or (Settings().cache_dir / "broker"))
+    except CacheDirError as exc:
+        print(f"logstream broker: {exc}", file=sys.stderr)
+        return 2
     broker = EmbeddedBroker(data_dir=data_dir, port=args.port, host=args.host).start()
     print(broker.bootstrap_servers, flush=True)
     stop = threading.Event()
@@ -174,14 +219,35 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from logstream.tail import tail_alerts
+    from logstream.tail import WrongTopic, tail_alerts
 
     configure_logging("WARNING")
     stop = threading.Event()
     _stop_on_signals(stop)
-    seen = tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
-                       raw_json=args.json, idle_exit_s=args.idle_exit, connect_timeout_s=_connect_timeout(args))
+    try:
+        seen = tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
+                           raw_json=args.json, idle_exit_s=args.idle_exit, connect_timeout_s=_connect_timeout(args))
+    except WrongTopic as exc:
+        print(f"logstream alerts: {exc}", file=sys.stderr)
+        return 2
     print(f"{seen} alerts", file=sys.stderr)
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from logstream.tail import WrongTopic, tail_dead_letters
+
+    configure_logging("WARNING")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        seen = tail_dead_letters(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
+                                 raw_json=args.json, idle_exit_s=args.idle_exit, max_bytes=args.max_bytes,
+                                 connect_timeout_s=_connect_timeout(args))
+    except WrongTopic as exc:
+        print(f"logstream dlq: {exc}", file=sys.stderr)
+        return 2
+    print(f"{seen} dead letters", file=sys.stderr)
     return 0
 
 
@@ -249,30 +315,36 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from logstream.demo import run_demo
 
-    return run_demo(detector=args.detector, model=args.model, lines=args.lines, keep_broker=args.keep_broker)
+    return run_demo(detector=args.detector, model=args.model, lines=args.lines, keep_broker=args.keep_broker,
+                    dataset=args.dataset)
 
 
 # --- parser -----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="logstream", description="Streaming log anomaly detection between Kafka "
-                                     "topics.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="logstream", description="Streaming log anomaly detection between Kafka topics.",
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"logstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="consume raw logs, window, score, publish alerts")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    run = command("run", "consume raw logs, window, score with --detector, publish alerts; every flag is also a "
+                  "LOGSTREAM_* environment variable (a flag wins over the environment)")
     add_settings_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    broker = sub.add_parser("broker", help="run the embedded Kafka-protocol broker in the foreground")
+    broker = command("broker", "run the embedded Kafka-protocol broker in the foreground")
     broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
     broker.add_argument("--data-dir", type=Path, default=None, help="data directory (default: <cache>/broker)")
     broker.set_defaults(func=cmd_broker)
 
-    produce = sub.add_parser("produce", help="stream a log file into a topic, one record per line")
-    produce.add_argument("--bootstrap-servers", required=True)
-    produce.add_argument("--topic", required=True)
+    produce = command("produce", "stream a log file into a topic, one record per line")
+    produce.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    produce.add_argument("--topic", required=True, help="topic to write (created if missing)")
     produce.add_argument("--file", type=Path, required=True, help="log file (.gz allowed)")
     produce.add_argument("--partitions", type=int, default=1, help="partitions when the topic is created")
     produce.add_argument("--key", choices=["none", "block"], default="none",
@@ -284,42 +356,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect_timeout(produce)
     produce.set_defaults(func=cmd_produce)
 
-    alerts = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive")
-    alerts.add_argument("--bootstrap-servers", required=True)
-    alerts.add_argument("--topic", default="logstream.alerts")
-    alerts.add_argument("--from-beginning", action="store_true")
+    alerts = command("alerts", "print alerts from the alerts topic as they arrive")
+    alerts.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    alerts.add_argument("--topic", default="logstream.alerts", help="the alerts topic (`run --alerts-topic`)")
+    alerts.add_argument("--from-beginning", action="store_true",
+                        help="start at the oldest alert kept by the topic (default: only new alerts)")
     alerts.add_argument("--json", action="store_true", help="print the raw JSON documents")
     alerts.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     _add_connect_timeout(alerts)
     alerts.set_defaults(func=cmd_alerts)
 
-    novelty = sub.add_parser("novelty", help="the unseen-template detector").add_subparsers(dest="action",
-                                                                                            required=True)
-    fit = novelty.add_parser("fit", help="learn the templates of normal traffic from log files")
-    fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"])
+    dlq = command("dlq", "print dead-letter records: reason, detail, source topic/partition/offset and the "
+                  "original bytes")
+    dlq.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    dlq.add_argument("--topic", default="logstream.dlq", help="the dead-letter topic (`run --dlq-topic`)")
+    dlq.add_argument("--from-beginning", action="store_true",
+                     help="start at the oldest record kept by the topic (default: only new records)")
+    dlq.add_argument("--json", action="store_true",
+                     help="one JSON object per record (original bytes exact in original_base64)")
+    dlq.add_argument("--max-bytes", type=int, default=300, help="original bytes shown per record (text output)")
+    dlq.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    _add_connect_timeout(dlq)
+    dlq.set_defaults(func=cmd_dlq)
+
+    novelty = command("novelty", "the unseen-template detector").add_subparsers(dest="action", required=True,
+                                                                                 metavar="ACTION")
+    fit = novelty.add_parser("fit", help="learn the templates of normal traffic from log files",
+                             formatter_class=_HelpFormatter)
+    fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"],
+                     help="line format of the files (as `run --format`)")
     fit.add_argument("--input", type=Path, action="append", required=True, help="log file (repeatable, .gz ok)")
     fit.add_argument("--output", type=Path, required=True, help="model file to write (JSON)")
     fit.add_argument("--limit", type=int, default=None, help="use at most this many lines per file")
     fit.set_defaults(func=cmd_novelty_fit)
 
-    repartition = sub.add_parser(
-        "repartition", help="re-key raw lines by block id into an internal topic (sessions across partitions)"
+    repartition = command(
+        "repartition", "re-key raw lines by block id into an internal topic (sessions across partitions)"
     )
     add_settings_arguments(repartition, only=REPARTITION_FIELDS)
     repartition.set_defaults(func=cmd_repartition)
 
-    models = sub.add_parser("models", help="base models of the LLM detectors").add_subparsers(dest="action",
-                                                                                           required=True)
+    models = command("models", "base models of the LLM detectors").add_subparsers(dest="action", required=True,
+                                                                                   metavar="ACTION")
     prepare = models.add_parser("prepare", help="convert the LLM's GGUF once into a cached safetensors directory "
-                                "and hash both base models (setup runs it)")
+                                "and hash both base models (setup runs it)", formatter_class=_HelpFormatter)
     add_settings_arguments(prepare, only=["embedder", "llm", "cache_dir", "log_level"])
     prepare.set_defaults(func=cmd_models_prepare)
 
-    demo = sub.add_parser("demo", help="embedded broker + real log sample + consumer, printing alerts")
+    demo = command("demo", "embedded broker + real log sample + consumer, printing alerts")
     demo.add_argument("--detector", default="logllm", choices=["logllm", "novelty", "logllama"],
-                      help="logllm and novelty have shipped BGL models; logllama needs --model")
+                      help="logllm has shipped BGL and HDFS models, novelty a BGL one; logllama needs --model")
+    demo.add_argument("--dataset", default="bgl", choices=["bgl", "hdfs"],
+                      help="sample to stream: BGL (count windows) or HDFS (block sessions, judged at the end)")
     demo.add_argument("--model", type=Path, default=None,
-                      help="your own BGL model instead (`logstream-train fit` / `fit-logllama` artifact)")
+                      help="your own model for that dataset instead (`logstream-train fit` / `fit-logllama` artifact)")
     demo.add_argument("--lines", type=int, default=2000, help="lines of the sample to stream")
     demo.add_argument("--keep-broker", action="store_true", help="leave the broker running after the demo")
     demo.set_defaults(func=cmd_demo)

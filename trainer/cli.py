@@ -1,7 +1,9 @@
 """The `logstream-train` command: subcommand name -> module that defines it.
 
 Each module exposes `add_parser(subparsers)` (registering its flags and `func`), so commands live
-beside the code they run and tests call the same functions.
+beside the code they run and tests call the same functions. The modules import torch (seconds), so
+`main` imports only the one that runs: `logstream-train --help` lists the commands from the
+summaries below without importing any of them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ COMMANDS: dict[str, str] = {
     "fit": "trainer.fit_logllm",
     "fit-logllama": "trainer.fit_logllama",
 }
+# What `logstream-train --help` says of each command without importing it (`COMMAND --help` says more).
+SUMMARIES: dict[str, str] = {
+    "evaluate": "score a dump's test windows with a trained model and the baselines; write a report",
+    "fit": "three-stage LogLLM fine-tuning on a log dump; writes the artifact `logstream run` serves",
+    "fit-logllama": "train the unsupervised LogLLaMA detector (next-key model + top-K reinforcement)",
+}
 
 
 def command_settings(args: argparse.Namespace, flags: Sequence[str], command: str) -> Settings | None:
@@ -36,17 +44,34 @@ def command_settings(args: argparse.Namespace, flags: Sequence[str], command: st
         return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command's flags (`only=None`), or only those of command `only`.
+
+    The other commands are listed by name and summary, without importing their modules; with
+    `only=""` none is imported (`logstream-train --help`).
+    """
+    from logstream import __version__
+
     parser = argparse.ArgumentParser(prog="logstream-train", description="Train and evaluate logstream detectors "
                                      "on historical log dumps.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module_name in dict.fromkeys(COMMANDS.values()):
-        importlib.import_module(module_name).add_parser(sub)
+    parser.add_argument("--version", action="version", version=f"logstream-train {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        if only is None or only == name:
+            importlib.import_module(module_name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=SUMMARIES[name], add_help=False)
     return parser
 
 
+def requested_command(argv: Sequence[str]) -> str:
+    """The command named on the command line (its first word that is one), or "" when none is."""
+    return next((word for word in argv if word in COMMANDS), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(requested_command(words)).parse_args(words)
     return int(args.func(args))
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
+
+import orjson
 
 from tests.kafkatools import SAMPLES, create_topic, produce_lines, read_alerts, unique
 
@@ -42,3 +45,63 @@ def test_clear_errors_on_bad_configuration(bootstrap: str) -> None:
     assert no_topic.returncode == 2 and "--input-topic" in no_topic.stderr
     unknown = logstream("run", "--input-topic", "x", "--detector", "nope")
     assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    """The whole stderr of a refused command: exactly one line, no traceback."""
+    text = done.stderr.strip()
+    assert "\n" not in text and "Traceback" not in text, done.stderr
+    return text
+
+
+def test_operator_mistakes_are_one_line_and_exit_2(bootstrap: str, tmp_path) -> None:
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("")
+    base = ["run", "--bootstrap-servers", bootstrap, "--input-topic", "x"]
+    cases = {
+        "no detector": (base, {}, "choose a detector with --detector"),
+        "unknown detector": ([*base, "--detector", "nosuch"], {}, "invalid choice: 'nosuch'"),
+        "unknown detector (env)": (base, {"LOGSTREAM_DETECTOR": "nosuch"}, "detector"),
+        "novelty model is a directory": ([*base, "--detector", "novelty", "--model", str(tmp_path)], {},
+                                         "is a directory"),
+        "invalid cache dir": (["models", "prepare", "--cache-dir", str(a_file / "cache")], {}, "cache directory"),
+        "invalid HOME": (["models", "prepare"], {"HOME": str(a_file)}, "LOGSTREAM_CACHE_DIR"),
+        "LogLLM on an invalid cache dir": ([*base, "--detector", "logllm", "--model", str(SAMPLES / "logllm-bgl"),
+                                           "--cache-dir", str(a_file / "cache")], {}, "cache directory"),
+    }
+    for name, (argv, env, expected) in cases.items():
+        done = logstream(*argv, env=env)
+        assert done.returncode == 2, (name, done.stderr)
+        assert expected in one_line(done), name
+
+
+def test_dead_letters_are_readable_and_alerts_refuses_them(bootstrap: str) -> None:
+    topic = unique("dlq")
+    create_topic(bootstrap, topic)
+    bad = [b"\xff\xfe not utf-8", b"this is not a BGL line"]
+    produce_lines(bootstrap, topic, [*(SAMPLES / "BGL_2k.log").read_bytes().splitlines()[:50], *bad])
+    done = logstream("run", "--bootstrap-servers", bootstrap, "--input-topic", topic, "--alerts-topic",
+                     f"{topic}.alerts", "--dlq-topic", f"{topic}.dlq", "--group-id", f"{topic}.g", "--format", "bgl",
+                     "--detector", "null", "--emit", "all", "--once", "--max-poll-interval-ms", "10000",
+                     "--session-timeout-ms", "6000")
+    assert done.returncode == 0, done.stderr
+
+    wrong = logstream("alerts", "--bootstrap-servers", bootstrap, "--topic", f"{topic}.dlq", "--from-beginning",
+                      "--idle-exit", "3")
+    assert wrong.returncode == 2 and f"logstream dlq --topic {topic}.dlq" in one_line(wrong)
+    not_dlq = logstream("dlq", "--bootstrap-servers", bootstrap, "--topic", f"{topic}.alerts", "--from-beginning",
+                        "--idle-exit", "3")
+    assert not_dlq.returncode == 2 and "not a dead-letter record" in one_line(not_dlq)
+
+    shown = logstream("dlq", "--bootstrap-servers", bootstrap, "--topic", f"{topic}.dlq", "--from-beginning",
+                      "--idle-exit", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert f"[undecodable] {topic}/0 offset 50" in shown.stdout and "\\xff\\xfe not utf-8" in shown.stdout
+    assert f"[unparseable] {topic}/0 offset 51" in shown.stdout and "this is not a BGL line" in shown.stdout
+    as_json = logstream("dlq", "--bootstrap-servers", bootstrap, "--topic", f"{topic}.dlq", "--from-beginning",
+                        "--idle-exit", "3", "--json")
+    records = [orjson.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(r["reason"], r["source"]["offset"]) for r in records] == [("undecodable", 50), ("unparseable", 51)]
+    assert [base64.b64decode(r["original_base64"]) for r in records] == bad
+    assert records[0]["original"] is None and records[1]["original"] == bad[1].decode()
+    assert all(r["detail"] for r in records)
