@@ -1,4 +1,5 @@
-"""The evaluation report: `report.json` for machines, `report.md` with PNG plots for people.
+"""The evaluation report: `report.json` for machines, `report.md` with PNG plots for people, and
+`report.html`, the same Markdown as one self-contained page (`trainer.report_html`).
 
 Plots are drawn with matplotlib's object API (`Figure`, Agg canvas), never pyplot's global state,
 so a report can be written from any thread or process without a display.
@@ -18,6 +19,7 @@ import orjson
 
 from trainer.data import LabeledWindow
 from trainer.metrics import Confusion, ThresholdSweep, average_precision, confusion, threshold_sweep
+from trainer.report_html import render_html
 
 
 @dataclass
@@ -71,7 +73,7 @@ def write_report(
     data: dict[str, Any],
     context: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write report.json, report.md, the plots and predictions.jsonl into `outdir`; return the JSON body.
+    """Write report.json, report.md, report.html (self-contained), the plots and predictions.jsonl; return the JSON.
 
     `runs[0]` is the primary detector (its mistakes are listed); `summary` is the one-line result,
     `data` the split statistics, `context` what was evaluated (model, split part, command).
@@ -87,11 +89,14 @@ def write_report(
         "context": context,
         "detectors": [run.as_dict() for run in runs],
         "data": data,
-        "files": {**PLOTS, "markdown": "report.md", "predictions": "predictions.jsonl"},
+        "files": {**PLOTS, "markdown": "report.md", "html": "report.html", "predictions": "predictions.jsonl"},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _atomic_write(outdir / "report.json", orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-    _atomic_write(outdir / "report.md", _markdown(body, runs, windows).encode())
+    markdown = _markdown(body, runs, windows)
+    _atomic_write(outdir / "report.md", markdown.encode())
+    title = f"Evaluation: {context.get('model')} on {data.get('dataset')}"
+    _atomic_write(outdir / "report.html", render_html(markdown, outdir, title).encode())
     return body
 
 

@@ -42,3 +42,29 @@ def test_evaluate_baselines_on_the_bgl_sample(tmp_path: Path) -> None:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in markdown
     assert len((report / "predictions.jsonl").read_bytes().splitlines()) == 60
+    html = (report / "report.html").read_text()
+    assert body["files"]["html"] == "report.html"
+    assert html.count("data:image/png;base64,") == 3 and ".png\"" not in html  # plots inline, no file links
+    assert "<table>" in html and "count_vector" in html
+
+
+def test_evaluate_unlabelled_hdfs_with_assume_normal(tmp_path: Path) -> None:
+    logs = REPO / "logstream" / "samples" / "HDFS_2k.log"
+    command = [sys.executable, "-m", "trainer.cli", "evaluate", "--model", "novelty", "--dataset", "hdfs",
+               "--logs", str(logs), "--report", str(tmp_path / "report")]
+    unlabelled = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert unlabelled.returncode == 2 and "--assume-normal" in unlabelled.stderr.strip().splitlines()[-1]
+
+    done = subprocess.run([*command, "--assume-normal"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = orjson.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["anomalous_windows"] == 0 and summary["tp"] == summary["fn"] == 0
+    assert summary["fp"] + summary["tn"] == summary["windows"] > 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "assumed normal" in markdown and "alarm rate" in markdown
+    assert "assumed normal" in (tmp_path / "report" / "report.html").read_text()
+
+    both = subprocess.run([*command, "--assume-normal", "--labels", str(logs)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
