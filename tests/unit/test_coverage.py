@@ -99,3 +99,17 @@ def test_detectors_without_coverage_get_no_monitor() -> None:
     from logstream.detectors.null import NullDetector
 
     assert CoverageMonitor.for_detector(NullDetector()) is None
+
+
+def test_the_shipped_logllm_artifact_records_its_coverage_and_the_demo_sample_fits_it() -> None:
+    config = orjson.loads((SAMPLES / "logllm-bgl" / "logllm.json").read_bytes())
+    coverage = TrainingCoverage.from_json(config["coverage"])
+    assert coverage is not None and coverage.unseen_share is not None and 0 < coverage.unseen_share < 0.5
+    assert "BGL" in coverage.dataset
+    monitor = CoverageMonitor("logllm", TemplateCoverage.of(coverage), recent_lines=2000)
+    with capture_logs() as logs:
+        for window in windows_of(SAMPLES / "BGL_2k.log", "bgl"):
+            monitor.observe([window])
+        for window in windows_of(SAMPLES / "HDFS_2k.log", "generic"):
+            monitor.observe([window])
+    assert [entry["event"] for entry in logs] == ["unseen_templates_high"]  # only once the HDFS lines dominate
