@@ -324,7 +324,8 @@ class Pipeline:
         windower = make_windower(
             s.window, tp[0], tp[1], size=s.window_size, stride=s.stride, gap=s.effective_session_gap,
             grace=s.session_grace, max_lines=s.session_max_lines, max_open=s.session_max_open,
-            max_future=s.max_future_s or None, future_policy=s.future_policy, future_confirm=s.future_confirm_lines,
+            max_future=s.future_bound(s.effective_session_gap), future_policy=s.future_policy,
+            future_confirm=s.future_confirm_lines,
         )
         state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
         self.parser.forget(*tp)  # inherited line times start afresh, as in a fresh consumer: replays agree
@@ -516,7 +517,8 @@ class Pipeline:
             return  # decided, counted and dead-lettered before the restart
         self.metrics.future_lines.labels("dead-letter" if refused else "clamp").inc()
         topic, partition = state.tp
-        ahead = f"event time {line.event_time:.3f} more than {self.settings.max_future_s:g} s ahead of stream time"
+        bound = self.settings.future_bound(self.settings.effective_session_gap)
+        ahead = f"event time {line.event_time:.3f} more than {bound:g} s ahead of stream time"
         log.info("future_line", partition=f"{topic}/{partition}", offset=message.offset(), refused=refused)
         if refused:
             self._dead_letter(state, message, "future_timestamp", ahead)

@@ -111,11 +111,12 @@ class Settings(BaseSettings):
         "(reason idle; the cut is committed before its windows are published, so a replay cuts the same "
         "windows); 0: never",
     )
-    max_future_s: float = Field(
-        3600.0, ge=0,
+    max_future_s: float | None = Field(
+        None, ge=0,
         description="session windows: a line whose event time is more than this many seconds ahead of its "
         "partition's stream time (plus the record time elapsed since) is from a wrong clock: --future-policy "
-        "applies; 0: no bound",
+        "applies (default: session gap + grace, the jump past which one line would make correctly stamped "
+        "lines late); 0: no bound",
     )
     future_policy: FuturePolicy = Field(
         "dead-letter",
@@ -202,6 +203,12 @@ class Settings(BaseSettings):
         if self.session_gap is not None:
             return self.session_gap
         return HDFS_SESSION_GAP_S if self.format == "hdfs" else DEFAULT_SESSION_GAP_S
+
+    def future_bound(self, gap: float) -> float | None:
+        """Seconds a line may be ahead of stream time with session gap `gap` (None: no bound)."""
+        if self.max_future_s is not None:
+            return self.max_future_s or None
+        return gap + self.session_grace
 
     @property
     def resolved_state_topic(self) -> str:

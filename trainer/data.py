@@ -59,7 +59,7 @@ FORMATS = {"hdfs": "hdfs", "bgl": "bgl", "thunderbird": "thunderbird", "liberty"
 # With a one-day gap, every block of the last day is open at once (hundreds of thousands on the full
 # HDFS log); the consumer's 100,000 would close sessions early, so the trainer allows far more.
 HDFS_SESSION_MAX_OPEN = 10_000_000
-SESSION_OPTIONS = ("gap", "grace", "max_lines", "max_open")
+SESSION_OPTIONS = ("gap", "grace", "max_lines", "max_open", "max_future", "future_policy", "future_confirm")
 LOGLLM_CSV_HEADER = ["line_no", "window", "label", "content"]
 # CSV files saved by spreadsheet tools often open with a UTF-8 byte-order mark: not part of the header.
 CSV_ENCODING = "utf-8-sig"
@@ -111,8 +111,10 @@ def load_split(
     """Windows of a dump split as in the paper (see the module docstring).
 
     `window_size` / `window_stride` shape the count windows of BGL, Thunderbird and Liberty.
-    `session_options` (HDFS only) are the session windower's `gap`, `grace`, `max_lines` and
-    `max_open`; unset ones take the consumer's defaults, except `gap` and `max_open` (HDFS values).
+    `session_options` (HDFS only) are the session windower's `gap`, `grace`, `max_lines`, `max_open`
+    and event-time bound (`max_future` seconds, `future_policy`, `future_confirm`: a line from a
+    clock far ahead is skipped as `future_timestamp` or clamped, as the consumer does); unset ones
+    take the consumer's defaults, except `gap` and `max_open` (HDFS values) and the bound (none).
     `assume_normal` labels every window normal (no label file for HDFS; line labels ignored).
     """
     if dataset not in DATASETS:
@@ -131,8 +133,8 @@ def load_split(
     rng = random.Random(seed)
     if dataset == "hdfs":
         if labels is None and not assume_normal:
-            raise ValueError("HDFS labels are per block: pass the block label file (--labels anomaly_label.csv), "
-                             "or --assume-normal to treat every block as normal")
+            raise ValueError("HDFS labels are per block: pass the block label file (anomaly_label.csv), or assume "
+                             "every block is normal (unsupervised training)")
         if labels is not None and assume_normal:
             raise ValueError("a label file and assume_normal contradict each other: pass one of them")
         if session_options.get("gap") is not None and session_options["gap"] <= 0:
@@ -492,6 +494,9 @@ def _hdfs_split(
         if selected is not None and selected.isdisjoint(line.block_ids):
             continue
         result = windower.add(line)
+        if result.future:
+            bad["future_timestamp"] += 1
+            continue
         late += len(result.late_keys)
         if result.joined == 0:
             bad["late"] += 1

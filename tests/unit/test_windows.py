@@ -326,3 +326,22 @@ def test_count_replay_from_a_cut_rebuilds_the_same_windows(n: int, size: int, da
     assert feed(second, [ln for ln in lines if commit <= ln.offset < fence]) == []  # nothing closes again
     emitted += run(second, [ln for ln in lines if ln.offset >= fence]) + second.flush()
     assert ids(emitted) == ids(ref_windows)
+
+
+def test_the_trainer_bounds_event_time_as_the_consumer_does(tmp_path) -> None:  # noqa: ANN001
+    from logstream.settings import Settings
+    from tests.hardening_inputs import CLOCK_AHEAD_HDFS
+    from trainer.data import load_split
+    from trainer.evaluate import session_options
+
+    log = tmp_path / "hdfs.log"
+    log.write_text("\n".join(CLOCK_AHEAD_HDFS) + "\n")
+    labels = tmp_path / "labels.csv"
+    blocks = ["blk_38865049064139660", "blk_-6952295868487656571", "blk_7128370237687728475"]
+    labels.write_text("BlockId,Label\n" + "".join(f"{b},Normal\n" for b in blocks))
+    settings = Settings(session_gap=300.0)
+    assert session_options(settings)["max_future"] == 330.0  # the consumer's default: gap + grace
+    split = load_split("hdfs", log, labels, train_fraction=0.5, **session_options(settings))
+    sizes = {w.window.key: w.window.size for w in split.train + split.test}
+    assert sizes == dict(zip(blocks, [2, 3, 1])) and split.stats["skipped_lines"] == {"future_timestamp": 1}
+    assert Settings(max_future_s=0).future_bound(300.0) is None
