@@ -70,8 +70,8 @@ class EventTimeBound:
     sampled dump, a backfill over a quiet spell): the last of them is accepted and moves S. Before
     the first line there is no reference: it is accepted as is.
 
-    State is three numbers (`state()` / `from_state`), kept with the windows so a replay from any
-    cut makes the same decisions.
+    State is three numbers (`state()` / `restore_state()`), kept with the windows so a replay from
+    any cut makes the same decisions. A record time of 0 or less (none recorded) counts as unknown.
     """
 
     __slots__ = ("max_future", "policy", "confirm", "stream_time", "stream_record_time", "run")
@@ -88,6 +88,8 @@ class EventTimeBound:
 
     def admit(self, event_time: float, record_time: float | None = None) -> float | None:
         """The event time the line enters the windows with, or None when it is refused."""
+        if record_time is not None and record_time <= 0:
+            record_time = None
         if self.stream_time == _NO_TIME:
             self._advance(event_time, record_time)
             return event_time
