@@ -7,6 +7,7 @@ and there is one list of options, not two.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,16 @@ class _HelpFormatter(argparse.HelpFormatter):
                 and "default" not in text and not isinstance(action, argparse._VersionAction)):
             text += " (default: %(default)s)"
         return text
+
+
+def readable_file(text: str) -> Path:
+    """argparse type: a path to a file that exists and can be read (else a one-line usage error)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a directory' if path.is_dir() else 'no such file'}")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not readable")
+    return path
 
 
 def env_name(field_name: str) -> str:
@@ -269,8 +280,12 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
                     break
                 yield line
 
-    detector = NoveltyDetector.fit(lines(), source=",".join(str(p) for p in args.input))
-    detector.save(args.output)
+    try:
+        detector = NoveltyDetector.fit(lines(), source=",".join(str(p) for p in args.input))
+        detector.save(args.output)
+    except (ValueError, OSError) as exc:  # no normal line in the input; an output path that cannot be written
+        print(f"logstream novelty fit: {exc}", file=sys.stderr)
+        return 2
     print(f"novelty model: {len(detector.known)} templates from {detector.lines} normal lines -> {args.output}"
           + (f" (skipped: {dict(bad)})" if bad else ""), file=sys.stderr)
     return 0
@@ -345,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce = command("produce", "stream a log file into a topic, one record per line")
     produce.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
     produce.add_argument("--topic", required=True, help="topic to write (created if missing)")
-    produce.add_argument("--file", type=Path, required=True, help="log file (.gz allowed)")
+    produce.add_argument("--file", type=readable_file, required=True, help="log file (.gz allowed)")
     produce.add_argument("--partitions", type=int, default=1, help="partitions when the topic is created")
     produce.add_argument("--key", choices=["none", "block"], default="none",
                          help="none, or block: each line to the partition of its block id (crc32), keyed by it; a "
@@ -385,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=_HelpFormatter)
     fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"],
                      help="line format of the files (as `run --format`)")
-    fit.add_argument("--input", type=Path, action="append", required=True, help="log file (repeatable, .gz ok)")
+    fit.add_argument("--input", type=readable_file, action="append", required=True,
+                     help="log file (repeatable, .gz ok)")
     fit.add_argument("--output", type=Path, required=True, help="model file to write (JSON)")
     fit.add_argument("--limit", type=int, default=None, help="use at most this many lines per file")
     fit.set_defaults(func=cmd_novelty_fit)

@@ -68,6 +68,12 @@ def test_operator_mistakes_are_one_line_and_exit_2(bootstrap: str, tmp_path) -> 
         "invalid HOME": (["models", "prepare"], {"HOME": str(a_file)}, "LOGSTREAM_CACHE_DIR"),
         "LogLLM on an invalid cache dir": ([*base, "--detector", "logllm", "--model", str(SAMPLES / "logllm-bgl"),
                                            "--cache-dir", str(a_file / "cache")], {}, "cache directory"),
+        "missing input file": (["novelty", "fit", "--format", "bgl", "--input", str(tmp_path / "none.log"),
+                                "--output", str(tmp_path / "m.json")], {}, "no such file"),
+        "output path is a directory": (["novelty", "fit", "--format", "bgl", "--input", str(SAMPLES / "BGL_2k.log"),
+                                        "--output", str(tmp_path)], {}, "Is a directory"),
+        "produce a directory": (["produce", "--bootstrap-servers", bootstrap, "--topic", "t", "--file",
+                                 str(tmp_path)], {}, "is a directory"),
     }
     for name, (argv, env, expected) in cases.items():
         done = logstream(*argv, env=env)
