@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +36,7 @@ from tests.kafkatools import (
 )
 
 BGL = (SAMPLES / "BGL_2k.log").read_bytes().splitlines()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def committed_metadata(bootstrap: str, group: str, topic: str, partition: int = 0) -> tuple[int, dict | None]:
@@ -132,6 +137,43 @@ def test_a_quiet_count_window_is_judged_after_the_idle_time_and_a_restart_cuts_i
     assert got == [(0, 9, "idle", window_id(topic, 0, "count", key, 0, 9)),
                    (10, 19, "idle", window_id(topic, 0, "count", key, 10, 19))]
     assert judged_after < 2.0 + 15.0, "judged within the idle time (plus polling and a commit)"
+
+
+def test_idle_windows_across_a_sigkill_are_the_same_windows(bootstrap: str, tmp_path: Path) -> None:
+    topic = unique("idlekill")
+    create_topic(bootstrap, topic)
+    args = ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--alerts-topic", f"{topic}.alerts",
+            "--dlq-topic", f"{topic}.dlq", "--group-id", f"{topic}.g", "--group-instance-id", "a",
+            "--format", "bgl", "--detector", "null", "--emit", "all", "--window-size", "50",
+            "--window-idle-s", "2", "--commit-interval-s", "0.5", "--max-poll-interval-ms", "10000",
+            "--session-timeout-ms", "6000"]
+    log = (tmp_path / "run.log").open("ab")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "logstream.cli", "run", *args], stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def alerts() -> list[dict]:
+        return read_alerts(bootstrap, f"{topic}.alerts", idle_s=0.3)
+
+    process = start()
+    try:
+        produce_lines(bootstrap, topic, BGL[:10])
+        assert wait_for(lambda: len(alerts()) == 1, 60), (tmp_path / "run.log").read_text()[-2000:]
+        produce_lines(bootstrap, topic, BGL[10:30])  # the next window is open when the consumer dies
+        time.sleep(1.0)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        produce_lines(bootstrap, topic, BGL[30:35])
+        process = start()  # the same static member: its partition comes back at once
+        assert wait_for(lambda: len(alerts()) == 2, 60), (tmp_path / "run.log").read_text()[-2000:]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    # at-least-once: a window may be published again after a kill, but only as the same window (same id)
+    got = {(a["window"]["id"], a["source"]["first_offset"], a["source"]["last_offset"], a["window"]["close_reason"])
+           for a in read_alerts(bootstrap, f"{topic}.alerts")}
+    assert sorted(g[1:] for g in got) == [(0, 9, "idle"), (10, 34, "idle")], "the first cut kept, the open one rebuilt"
 
 
 # --- 17.5: every output fits its limits; nothing stops a partition ---------------------------------------
