@@ -13,7 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from logstream.kafka import GroupView, KafkaSetupError
+from confluent_kafka import Consumer, KafkaException
+
+from logstream.kafka import GroupView, KafkaSetupError, describe_group
+from logstream.logs import get_logger
+from logstream.settings import Settings
+
+log = get_logger(__name__)
 
 STATIC_MEMBERSHIP_REMEDY = (
     "run every instance with --group-instance-id (static membership; exactly-once uses the host name by default) "
@@ -63,6 +69,26 @@ class AssignmentWatch:
 
     def waited_s(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.started
+
+
+def check_assignment(watch: AssignmentWatch, settings: Settings, consumer: Consumer, once: bool) -> str | None:
+    """Call every poll: once per timeout while waiting, the reason no partition came, logged as
+    `no_partitions_assigned` (and returned, for /readyz); with `once`, `NoAssignment` instead."""
+    if not watch.overdue(once):
+        return None
+    try:
+        member_id = consumer.memberid()
+    except (KafkaException, RuntimeError):
+        member_id = None
+    unassigned = watch.unassigned
+    why = explain(settings.group_id, describe_group(settings), member_id, unassigned, watch.rebalanced)
+    waited = watch.waited_s()
+    if once:
+        raise NoAssignment(f"no partition of {', '.join(unassigned)} was assigned to this member of group "
+                           f"{settings.group_id!r} within {waited:.0f} s: {why}")
+    log.error("no_partitions_assigned", group=settings.group_id, waited_s=round(waited), topics=unassigned,
+              reason=why, static_member_id=settings.static_member_id)
+    return why
 
 
 def explain(group_id: str, view: GroupView | None, member_id: str | None, unassigned: list[str],

@@ -37,19 +37,19 @@ from logstream.alerts import OutputTooLarge, build_alert, encode_alert, severity
 from logstream.checkpoint import CommittedPosition, Cut, OutputLedger, PartitionCut, parse_metadata
 from logstream.coverage import CoverageMonitor
 from logstream.detectors.base import Detector
-from logstream.assignment import AssignmentWatch, NoAssignment, explain
+from logstream.assignment import AssignmentWatch, check_assignment
 from logstream.deadletters import DeadLetterWatch
 from logstream.kafka import (
     RECORD_OVERHEAD_BYTES,
     base_config,
     consumer_config,
-    describe_group,
     ensure_topics,
     producer_config,
     read_record,
     require_topics,
     wait_for_broker,
 )
+from logstream.errors import KafkaSetupError
 from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Health, Metrics
 from logstream.outputs import MAX_ERROR_CHARS, MAX_KEY_BYTES, STATE_CHUNK_BYTES, OutputLimits, output_limits
@@ -174,9 +174,13 @@ class Pipeline:
         """Run until stopped (or, with `once`, until the input is consumed). Returns the exit code."""
         settings = self.settings
         # Kafka must answer, and a batch run's input must exist, before anything starts (one clear error).
-        metadata = wait_for_broker(base_config(settings), settings.connect_timeout_s)
-        if settings.once:
-            require_topics(metadata, list(settings.input_topic), settings.bootstrap_servers)
+        try:
+            metadata = wait_for_broker(base_config(settings), settings.connect_timeout_s)
+            if settings.once:
+                require_topics(metadata, list(settings.input_topic), settings.bootstrap_servers)
+        except KafkaSetupError:
+            self.detector.close()
+            raise
         for topic in settings.input_topic:
             if topic not in metadata.topics:
                 log.warning("input_topic_missing", topic=topic, action="waiting: it is consumed within seconds of "
@@ -953,31 +957,14 @@ class Pipeline:
 
     def _observe_health(self) -> None:
         """Say why no partition comes (every assignment timeout); judge dead-letter shares (every 5 s)."""
-        once = self.settings.once
-        if self._assignment.overdue(once):
-            self._report_no_assignment(once)
+        assert self.consumer is not None
+        why = check_assignment(self._assignment, self.settings, self.consumer, self.settings.once)
+        if why is not None:
+            self.health.waiting_for = why
         now = time.monotonic()
         if now - self._last_health_at >= 5.0:
             self._last_health_at = now
             self._dead_letters.evaluate()
-
-    def _report_no_assignment(self, once: bool) -> None:
-        """No rebalance completed (or, with `--once`, a topic got no partition) within the assignment timeout."""
-        assert self.consumer is not None
-        s = self.settings
-        try:
-            member_id = self.consumer.memberid()
-        except (KafkaException, RuntimeError):
-            member_id = None
-        unassigned = self._assignment.unassigned
-        why = explain(s.group_id, describe_group(s), member_id, unassigned, self._assignment.rebalanced)
-        waited = self._assignment.waited_s()
-        if once:
-            raise NoAssignment(f"no partition of {', '.join(unassigned)} was assigned to this member of group "
-                               f"{s.group_id!r} within {waited:.0f} s: {why}")
-        self.health.waiting_for = why
-        log.error("no_partitions_assigned", group=s.group_id, waited_s=round(waited), topics=unassigned,
-                  reason=why, static_member_id=s.static_member_id)
 
     def _probe_broker(self) -> None:
         """After a transport error, /readyz stays 503 until a metadata request proves the broker answers."""

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from logstream.assignment import AssignmentWatch, check_assignment
 from logstream.kafka import (
     base_config,
     consumer_config,
     ensure_topics,
     partitions_of,
     producer_config,
+    require_topics,
     wait_for_broker,
 )
 from logstream.logs import get_logger
@@ -107,6 +109,7 @@ class Repartitioner:
         self.partitions = 0
         self._owned: set[tuple[str, int]] = set()
         self._assigned = False
+        self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
         self._at_end: set[tuple[str, int]] = set()  # partitions read to their end (for --once)
         self._fatal: str | None = None
         self.producer: Producer
@@ -114,7 +117,9 @@ class Repartitioner:
 
     def run(self) -> int:
         s = self.settings
-        wait_for_broker(base_config(s), s.connect_timeout_s)  # BrokerUnreachable: one line, exit 1
+        metadata = wait_for_broker(base_config(s), s.connect_timeout_s)  # BrokerUnreachable: one line, exit 1
+        if s.once:
+            require_topics(metadata, list(s.input_topic), s.bootstrap_servers)  # a batch run's input must exist
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
@@ -129,6 +134,7 @@ class Repartitioner:
         self.consumer = Consumer(consumer_config(s))
         self.consumer.subscribe(list(s.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
+        self._assignment = AssignmentWatch(s.input_topic, s.effective_assignment_timeout_s)
         log.info("repartition_started", source=s.input_topic, target=self.target, partitions=self.partitions,
                  guarantee=s.guarantee)
         last_commit = time.monotonic()
@@ -142,7 +148,8 @@ class Repartitioner:
                 if time.monotonic() - last_commit >= s.commit_interval_s:
                     self._commit()
                     last_commit = time.monotonic()
-                if s.once and at_end and self._assigned:
+                check_assignment(self._assignment, s, self.consumer, s.once)  # says why no partition comes
+                if s.once and at_end and self._assigned and not self._assignment.waiting(once=True):
                     done_once = True
                     break
             self._commit()
@@ -224,6 +231,7 @@ class Repartitioner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned = True
+        self._assignment.on_assign(tp.topic for tp in partitions)
         self._owned |= {(tp.topic, tp.partition) for tp in partitions}
         if self.settings.once:
             for tp in partitions:

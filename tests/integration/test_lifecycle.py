@@ -122,6 +122,15 @@ def test_run_once_on_a_missing_topic_names_it_and_exits_2(bootstrap: str) -> Non
         run_once(make_settings(bootstrap, unique("absent")))
 
 
+def test_repartition_once_on_a_missing_topic_exits_2(bootstrap: str) -> None:
+    topic = unique("nosuch")
+    done = subprocess.run(command("repartition", "--bootstrap-servers", bootstrap, "--input-topic", topic,
+                                  "--repartition-topic", f"{topic}.by-block", "--group-id", f"{topic}.r", "--once",
+                                  *TIMINGS), capture_output=True, text=True, env=env(), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert plain_lines(done.stderr) == [f"logstream repartition: input topic '{topic}' not found on {bootstrap}"]
+
+
 def test_run_once_fails_when_its_topic_is_never_assigned_to_it(bootstrap: str) -> None:
     """Another member holds the topic's only partition: the batch run says who, and exits 1."""
     topic = unique("held")
