@@ -7,19 +7,19 @@ and there is one list of options, not two.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from logstream import __version__
+from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, readable_file
 from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
@@ -30,35 +30,6 @@ Command = Callable[[argparse.Namespace], int]
 
 
 # --- Settings -> argparse ------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (exit 2): the problem and where the help is, no usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends a flag's default to its help unless the help already says it (or there is none to say)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS)
-                and "default" not in text and not isinstance(action, argparse._VersionAction)):
-            text += " (default: %(default)s)"
-        return text
-
-
-def readable_file(text: str) -> Path:
-    """argparse type: a path to a file that exists and can be read (else a one-line usage error)."""
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: {'is a directory' if path.is_dir() else 'no such file'}")
-    if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text}: not readable")
-    return path
 
 
 def env_name(field_name: str) -> str:
@@ -338,13 +309,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="logstream", description="Streaming log anomaly detection between Kafka topics.",
-                     formatter_class=_HelpFormatter)
+    parser = OneLineErrorParser(prog="logstream", formatter_class=DefaultsHelpFormatter,
+                                description="Streaming log anomaly detection between Kafka topics.")
     parser.add_argument("--version", action="version", version=f"logstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
 
     run = command("run", "consume raw logs, window, score with --detector, publish alerts; every flag is also a "
                   "LOGSTREAM_* environment variable (a flag wins over the environment)")
@@ -397,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     novelty = command("novelty", "the unseen-template detector").add_subparsers(dest="action", required=True,
                                                                                  metavar="ACTION")
     fit = novelty.add_parser("fit", help="learn the templates of normal traffic from log files",
-                             formatter_class=_HelpFormatter)
+                             formatter_class=DefaultsHelpFormatter)
     fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"],
                      help="line format of the files (as `run --format`)")
     fit.add_argument("--input", type=readable_file, action="append", required=True,
@@ -415,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = command("models", "base models of the LLM detectors").add_subparsers(dest="action", required=True,
                                                                                    metavar="ACTION")
     prepare = models.add_parser("prepare", help="convert the LLM's GGUF once into a cached safetensors directory "
-                                "and hash both base models (setup runs it)", formatter_class=_HelpFormatter)
+                                "and hash both base models (setup runs it)", formatter_class=DefaultsHelpFormatter)
     add_settings_arguments(prepare, only=["embedder", "llm", "cache_dir", "log_level"])
     prepare.set_defaults(func=cmd_models_prepare)
 

@@ -51,9 +51,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     `only=""` none is imported (`logstream-train --help`).
     """
     from logstream import __version__
+    from logstream.argparsing import OneLineErrorParser
 
-    parser = argparse.ArgumentParser(prog="logstream-train", description="Train and evaluate logstream detectors "
-                                     "on historical log dumps.")
+    parser = OneLineErrorParser(prog="logstream-train", description="Train and evaluate logstream detectors on "
+                                "historical log dumps.")
     parser.add_argument("--version", action="version", version=f"logstream-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

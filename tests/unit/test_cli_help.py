@@ -61,6 +61,9 @@ def test_usage_errors_are_one_line() -> None:
     done = run("-m", "logstream.cli", "run", "--window", "hourly")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "invalid choice: 'hourly'" in done.stderr
+    trainer = run("-m", "trainer.cli", "evaluate", "--dataset", "nope")
+    assert trainer.returncode == 2
+    assert trainer.stderr.strip().count("\n") == 0 and "invalid choice: 'nope'" in trainer.stderr
 
 
 def test_trainer_help_imports_no_heavy_library() -> None:
