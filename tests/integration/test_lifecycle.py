@@ -73,6 +73,9 @@ def test_each_command_exits_nonzero_within_30s_naming_an_unreachable_broker(tmp_
         "produce": command("produce", "--bootstrap-servers", address, "--topic", "logs", "--file", str(log)),
         "alerts": command("alerts", "--bootstrap-servers", address),
         "alerts --idle-exit": command("alerts", "--bootstrap-servers", address, "--idle-exit", "1"),
+        "dlq": command("dlq", "--bootstrap-servers", address),
+        "repartition": command("repartition", "--bootstrap-servers", address, "--input-topic", "logs",
+                               "--repartition-topic", "logs.by-block"),
     }
     started = time.monotonic()
     running = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
