@@ -1,7 +1,7 @@
 """argparse pieces shared by `logstream` and `logstream-train` (light: imports nothing of logstream).
 
 `OneLineErrorParser` turns a usage error into one line and exit 2; `DefaultsHelpFormatter` adds a
-flag's default to its help; `readable_file` checks a file argument while parsing.
+flag's default to its help; `unreadable_file` says why an input file cannot be read.
 """
 
 from __future__ import annotations
@@ -31,11 +31,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def readable_file(text: str) -> Path:
-    """argparse type: a path to a file that exists and can be read (else a one-line usage error)."""
-    path = Path(text)
+def unreadable_file(path: Path) -> str | None:
+    """Why `path` cannot be read as an input file ("no such file", "is a directory", "not readable"), or None.
+
+    Checked when a command runs, not while parsing: a command line is also parsed for another
+    machine (a container's command, checked by the deploy tests), where its files live.
+    """
+    if path.is_dir():
+        return f"{path}: is a directory"
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: {'is a directory' if path.is_dir() else 'no such file'}")
+        return f"{path}: no such file"
     if not os.access(path, os.R_OK):
-        raise argparse.ArgumentTypeError(f"{text}: not readable")
-    return path
+        return f"{path}: not readable"
+    return None

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from logstream import __version__
-from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, readable_file
+from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, unreadable_file
 from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
@@ -187,6 +187,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from logstream.producer import produce_file
 
     configure_logging("INFO")
+    if (problem := unreadable_file(args.file)) is not None:
+        print(f"logstream produce: --file {problem}", file=sys.stderr)
+        return 2
     wait_for_broker(client_config(args.bootstrap_servers), _connect_timeout(args))
     try:
         sent = produce_file(
@@ -241,6 +244,10 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
     from logstream.parsing import LineParser
 
     configure_logging("INFO")
+    for path in args.input:
+        if (problem := unreadable_file(path)) is not None:
+            print(f"logstream novelty fit: --input {problem}", file=sys.stderr)
+            return 2
     parser = LineParser(args.format)
     bad: Counter[str] = Counter()
 
@@ -331,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce = command("produce", "stream a log file into a topic, one record per line")
     produce.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
     produce.add_argument("--topic", required=True, help="topic to write (created if missing)")
-    produce.add_argument("--file", type=readable_file, required=True, help="log file (.gz allowed)")
+    produce.add_argument("--file", type=Path, required=True, help="log file (.gz allowed)")
     produce.add_argument("--partitions", type=int, default=1, help="partitions when the topic is created")
     produce.add_argument("--key", choices=["none", "block"], default="none",
                          help="none, or block: each line to the partition of its block id (crc32), keyed by it; a "
@@ -371,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=DefaultsHelpFormatter)
     fit.add_argument("--format", required=True, choices=["hdfs", "bgl", "thunderbird", "liberty", "generic"],
                      help="line format of the files (as `run --format`)")
-    fit.add_argument("--input", type=readable_file, action="append", required=True,
+    fit.add_argument("--input", type=Path, action="append", required=True,
                      help="log file (repeatable, .gz ok)")
     fit.add_argument("--output", type=Path, required=True, help="model file to write (JSON)")
     fit.add_argument("--limit", type=int, default=None, help="use at most this many lines per file")
