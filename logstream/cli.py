@@ -203,37 +203,34 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_alerts(args: argparse.Namespace) -> int:
-    from logstream.tail import WrongTopic, tail_alerts
+def _tail(args: argparse.Namespace, command: str, noun: str, tail: Callable[..., int], **options: Any) -> int:
+    """Follow a topic with `tail` (alerts or dead letters) until stopped or idle; a topic of other records is
+    one line and exit 2."""
+    from logstream.tail import WrongTopic
 
     configure_logging("WARNING")
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
-        seen = tail_alerts(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
-                           raw_json=args.json, idle_exit_s=args.idle_exit, connect_timeout_s=_connect_timeout(args))
+        seen = tail(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
+                    raw_json=args.json, idle_exit_s=args.idle_exit, connect_timeout_s=_connect_timeout(args), **options)
     except WrongTopic as exc:
-        print(f"logstream alerts: {exc}", file=sys.stderr)
+        print(f"logstream {command}: {exc}", file=sys.stderr)
         return 2
-    print(f"{seen} alerts", file=sys.stderr)
+    print(f"{seen} {noun}", file=sys.stderr)
     return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from logstream.tail import tail_alerts
+
+    return _tail(args, "alerts", "alerts", tail_alerts)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from logstream.tail import WrongTopic, tail_dead_letters
+    from logstream.tail import tail_dead_letters
 
-    configure_logging("WARNING")
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    try:
-        seen = tail_dead_letters(args.bootstrap_servers, args.topic, stop=stop, from_beginning=args.from_beginning,
-                                 raw_json=args.json, idle_exit_s=args.idle_exit, max_bytes=args.max_bytes,
-                                 connect_timeout_s=_connect_timeout(args))
-    except WrongTopic as exc:
-        print(f"logstream dlq: {exc}", file=sys.stderr)
-        return 2
-    print(f"{seen} dead letters", file=sys.stderr)
-    return 0
+    return _tail(args, "dlq", "dead letters", tail_dead_letters, max_bytes=args.max_bytes)
 
 
 def cmd_novelty_fit(args: argparse.Namespace) -> int:
@@ -349,27 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect_timeout(produce)
     produce.set_defaults(func=cmd_produce)
 
-    alerts = command("alerts", "print alerts from the alerts topic as they arrive")
-    alerts.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
-    alerts.add_argument("--topic", default="logstream.alerts", help="the alerts topic (`run --alerts-topic`)")
-    alerts.add_argument("--from-beginning", action="store_true",
-                        help="start at the oldest alert kept by the topic (default: only new alerts)")
-    alerts.add_argument("--json", action="store_true", help="print the raw JSON documents")
-    alerts.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
-    _add_connect_timeout(alerts)
-    alerts.set_defaults(func=cmd_alerts)
+    def tail_command(name: str, help_text: str, topic: str, flag: str, json_help: str) -> argparse.ArgumentParser:
+        tail = command(name, help_text)
+        tail.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+        tail.add_argument("--topic", default=topic, help=f"the topic to read (`run {flag}`)")
+        tail.add_argument("--from-beginning", action="store_true",
+                          help="start at the oldest record the topic keeps (default: only new records)")
+        tail.add_argument("--json", action="store_true", help=json_help)
+        tail.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+        _add_connect_timeout(tail)
+        return tail
 
-    dlq = command("dlq", "print dead-letter records: reason, detail, source topic/partition/offset and the "
-                  "original bytes")
-    dlq.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
-    dlq.add_argument("--topic", default="logstream.dlq", help="the dead-letter topic (`run --dlq-topic`)")
-    dlq.add_argument("--from-beginning", action="store_true",
-                     help="start at the oldest record kept by the topic (default: only new records)")
-    dlq.add_argument("--json", action="store_true",
-                     help="one JSON object per record (original bytes exact in original_base64)")
+    alerts = tail_command("alerts", "print alerts from the alerts topic as they arrive", "logstream.alerts",
+                          "--alerts-topic", "print the raw JSON documents")
+    alerts.set_defaults(func=cmd_alerts)
+    dlq = tail_command("dlq", "print dead-letter records: reason, detail, source topic/partition/offset and the "
+                       "original bytes", "logstream.dlq", "--dlq-topic",
+                       "one JSON object per record (original bytes exact in original_base64)")
     dlq.add_argument("--max-bytes", type=int, default=300, help="original bytes shown per record (text output)")
-    dlq.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
-    _add_connect_timeout(dlq)
     dlq.set_defaults(func=cmd_dlq)
 
     novelty = command("novelty", "the unseen-template detector").add_subparsers(dest="action", required=True,
