@@ -105,8 +105,11 @@ def explain(group_id: str, view: GroupView | None, member_id: str | None, unassi
                     f"member(s) that do not rejoin ({names}): most likely an instance killed without leaving the "
                     f"group, which Apache Kafka expires after the session timeout and the embedded broker never "
                     f"does; {STATIC_MEMBERSHIP_REMEDY}")
+        static = ", ".join(sorted({m[1] for m in others if m[1]}))
         return (f"group {group_id!r} is {view.state.lower()} with {len(others)} other member(s); the rebalance has "
-                f"not completed (members: {_members(others)})")
+                f"not completed (members: {_members(others)})"
+                + (f"; a stopped static member holds it up until it is restarted with its own id ({static}) or "
+                   f"its session expires" if static else ""))
     holders = [m for m in others if any(p.split("/", 1)[0] in unassigned for p in m[3])]
     if holders:
         return (f"the partitions of {', '.join(unassigned)} are assigned to other members of group {group_id!r} "

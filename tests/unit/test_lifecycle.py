@@ -56,6 +56,12 @@ def test_explain_names_the_stuck_dynamic_member_and_static_membership() -> None:
     assert "me from" not in text
 
 
+def test_explain_names_a_static_member_that_holds_up_the_rebalance() -> None:
+    view = GroupView("PREPARING_REBALANCING", [("me", None, "/h1", []), ("m2", "replica-1", "/h2", ["logs/0"])])
+    text = explain("g", view, "me", ["logs"], rebalanced=False)
+    assert "replica-1 on /h2 holding logs/0" in text and "restarted with its own id (replica-1)" in text
+
+
 def test_explain_names_the_members_holding_the_partitions() -> None:
     view = GroupView("STABLE", [("me", None, "/h1", []), ("m2", "replica-0", "/h2", ["logs/0", "logs/1"])])
     text = explain("g", view, "me", ["logs"], rebalanced=True)
