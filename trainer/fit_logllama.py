@@ -202,6 +202,13 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def unseen_share(data: Prepared) -> float | None:
+    """Share of test-split lines whose message matches no frozen template (`<unknown>`): the serving-side
+    baseline of `logstream.coverage` (None without test lines)."""
+    keys = [data.keys.key(template) for item in data.split.test for template in item.window.templates]
+    return sum(key == UNKNOWN for key in keys) / len(keys) if keys else None
+
+
 class Trainer:
     """One fit-logllama run: data, stage 1, stage 2, evaluation (each stage skipped when already done)."""
 
@@ -451,6 +458,7 @@ class Trainer:
             "window": data.split.stats.get("window", {}),
             "training": {"dataset": c.dataset, "logs": c.logs, "labels": c.labels, "assume_normal": c.assume_normal,
                          "seed": c.seed, "max_windows": c.max_windows, "data": data.stats, **training},
+            "coverage": {"unseen_share": unseen_share(data)},
         })
         log.info("artifact_written", stage=stage, directory=str(directory), top_k=choice.top_k)
 

@@ -21,6 +21,7 @@ import structlog
 
 from logstream.detectors.base import DetectorNotReady
 from logstream.detectors.registry import load_detector
+from logstream.logkeys import FIRST_TEMPLATE
 from logstream.parsing import LineParser
 from logstream.settings import Settings
 from tests.kafkatools import GROUP_TIMINGS, SAMPLES, create_topic, produce_lines, read_alerts, unique
@@ -83,6 +84,16 @@ def test_both_stages_are_recorded_and_the_report_shows_f1_before_and_after_stage
     before = orjson.loads((artifact / "stage1" / "logllama.json").read_bytes())
     assert (final["kind"], final["stage"], before["kind"], before["stage"]) == ("logllama", "2", "logllama", "1")
     assert final["window"]["kind"] == "count" and final["decision"]["rule"] in ("f1", "alarm_rate")
+    assert 0.0 <= final["coverage"]["unseen_share"] < 0.5  # test lines matching no frozen template
+
+
+def test_the_detector_reports_its_templates_for_the_unseen_share_warning(artifact: Path) -> None:
+    detector = load_detector(Settings(detector="logllama", model=artifact))
+    coverage = detector.template_coverage()
+    final = orjson.loads((artifact / "logllama.json").read_bytes())
+    assert coverage.trained_unseen_share == final["coverage"]["unseen_share"] and "bgl" in coverage.dataset
+    assert not coverage.known("a message no BGL node ever wrote")
+    assert coverage.known(detector.keys.describe(FIRST_TEMPLATE))
 
 
 def test_evaluate_command_scores_the_artifact_beside_the_baselines(artifact: Path, tmp_path: Path,
