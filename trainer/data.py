@@ -133,8 +133,8 @@ def load_split(
     rng = random.Random(seed)
     if dataset == "hdfs":
         if labels is None and not assume_normal:
-            raise ValueError("HDFS labels are per block: pass the block label file (anomaly_label.csv), or assume "
-                             "every block is normal (unsupervised training)")
+            raise ValueError("HDFS labels are per block: pass the block label file (--labels anomaly_label.csv), "
+                             "or --assume-normal to treat every block as normal")
         if labels is not None and assume_normal:
             raise ValueError("a label file and assume_normal contradict each other: pass one of them")
         if session_options.get("gap") is not None and session_options["gap"] <= 0:

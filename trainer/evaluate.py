@@ -112,6 +112,12 @@ def run_baselines(
     return runs
 
 
+ASSUMED_NORMAL_NOTE = (
+    "Every window was assumed normal (--assume-normal: no labels): each window a detector flags counts as a "
+    "false positive, so FP / windows is its alarm rate on this traffic; precision and recall are undefined."
+)
+
+
 def evaluate(
     split: Split,
     outdir: Path,
@@ -173,10 +179,13 @@ def evaluate(
     if compare:
         summary["compared"] = {run.name: {key: run.as_dict()[key] for key in ("precision", "recall", "f1")}
                                for run in runs if run.role == "compared"}
-    note = None
+    notes = []
+    if (context or {}).get("assume_normal"):
+        notes.append(ASSUMED_NORMAL_NOTE)
     if part == "all":
-        note = ("Evaluated on train and test windows together: the baselines were fitted on the train part, so "
-                "their scores are partly in-sample (and so is a model trained on this dump's train part).")
+        notes.append("Evaluated on train and test windows together: the baselines were fitted on the train part, so "
+                     "their scores are partly in-sample (and so is a model trained on this dump's train part).")
+    note = " ".join(notes) or None
     write_report(outdir, runs, windows, summary=summary, data=split.stats,
                  context={"model": model, "part": part, "batch_size": batch_size, "note": note, **(context or {})})
     log.info("evaluated", **{k: summary[k] for k in ("detector", "precision", "recall", "f1", "windows")},
@@ -254,7 +263,11 @@ def add_parser(subparsers: Any) -> None:
                              "to evaluate the baselines only")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
-    parser.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")
+    labels.add_argument("--assume-normal", action="store_true",
+                        help="no labels: treat every window as normal (HDFS needs no label file, line labels are "
+                             "ignored) and report each detector's alarm rate (its FP share) on this traffic")
     parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
                         help="another artifact scored on the same windows (repeatable), e.g. DIR/stage1 of a "
                              "LogLLaMA run to see what the reinforcement stage changed")
@@ -292,13 +305,15 @@ def run(args: argparse.Namespace) -> int:
             split = load_split(
                 args.dataset, args.logs, args.labels, seed=args.seed, train_fraction=args.train_fraction,
                 window_size=settings.window_size, window_stride=settings.window_stride, max_windows=args.max_windows,
+                assume_normal=args.assume_normal,
                 **(session_options(settings) if args.dataset == "hdfs" else {}),
             )
         except (DetectorNotReady, ValueError, OSError) as exc:
             print(f"logstream-train evaluate: {exc}", file=sys.stderr)
             return 2
         summary = evaluate(split, args.report, detector=detector, model=args.model, part=args.split,
-                           batch_size=settings.batch_size, seed=args.seed, context={"argv": sys.argv[1:]},
+                           batch_size=settings.batch_size, seed=args.seed,
+                           context={"argv": sys.argv[1:], "assume_normal": args.assume_normal},
                            compare=compared)
     finally:
         for loaded in ([detector] if detector is not None else []) + list(compared.values()):
