@@ -261,7 +261,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--model", required=True,
                         help=f"artifact directory (logllm, logllama), a novelty model file, or `{BASELINES_ONLY}` "
                              "to evaluate the baselines only")
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--dataset", required=True, choices=DATASETS,
+                        help="which dump format and split rule (see README: Data and splits)")
     parser.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")

@@ -509,7 +509,8 @@ def add_parser(subparsers: Any) -> None:
         epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap (see README).",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, choices=DATASETS)
+    data.add_argument("--dataset", required=True, choices=DATASETS,
+                      help="which dump format and split rule (see README: Data and splits)")
     data.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
     labels = data.add_mutually_exclusive_group()
     labels.add_argument("--labels", type=Path, default=None,
@@ -541,13 +542,13 @@ def add_parser(subparsers: Any) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--stages", default="1,2", help="stages to run: 1, 2 or 1,2 (2 alone needs --resume)")
     train.add_argument("--batch-size", type=int, default=32, help="rows (chunks of a window) per step")
-    train.add_argument("--epochs-stage1", type=int, default=8)
-    train.add_argument("--lr-stage1", type=float, default=2e-3)
+    train.add_argument("--epochs-stage1", type=int, default=8, help="passes over the normal fit windows in stage 1")
+    train.add_argument("--lr-stage1", type=float, default=2e-3, help="peak AdamW learning rate of stage 1")
     train.add_argument("--unknown-rate", type=float, default=0.02,
                        help="share of input keys replaced by <unknown> in stage 1 (robustness to unseen lines)")
     train.add_argument("--rl", choices=("reinforce", "ppo"), default="reinforce", help="stage 2 algorithm")
-    train.add_argument("--epochs-stage2", type=int, default=2)
-    train.add_argument("--lr-stage2", type=float, default=2e-4)
+    train.add_argument("--epochs-stage2", type=int, default=2, help="passes over the fit windows in stage 2 (RL)")
+    train.add_argument("--lr-stage2", type=float, default=2e-4, help="learning rate of stage 2 (RL)")
     train.add_argument("--rl-top-k", type=int, default=None, help="K of the reward (default: K tuned after stage 1)")
     train.add_argument("--entropy-coef", type=float, default=0.01, help="entropy bonus weight")
     train.add_argument("--kl-coef", type=float, default=0.1, help="KL(policy || stage 1) penalty weight")

@@ -695,7 +695,8 @@ def add_parser(subparsers: Any) -> None:
                "On a shared CPU, --threads 1 is often fastest.",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, choices=DATASETS)
+    data.add_argument("--dataset", required=True, choices=DATASETS,
+                      help="which dump format and split rule (see README: Data and splits)")
     data.add_argument("--logs", type=Path, required=True, help="log dump (plain or .gz; Liberty also LogLLM CSV)")
     data.add_argument("--labels", type=Path, default=None, help="HDFS block labels (anomaly_label.csv)")
     data.add_argument("--output", type=Path, required=True, help="artifact directory (also checkpoints/, report/)")

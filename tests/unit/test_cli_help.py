@@ -11,6 +11,7 @@ import pytest
 from logstream import __version__
 from logstream.cli import build_parser, env_name
 from logstream.settings import Settings
+from trainer.cli import build_parser as build_trainer_parser
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -45,7 +46,8 @@ def test_every_flag_of_every_command_has_help() -> None:
         return found
 
     missing = [f"{parser.prog} {'/'.join(action.option_strings)}"
-               for parser in parsers(build_parser()) for action in parser._actions
+               for root in (build_parser(), build_trainer_parser())
+               for parser in parsers(root) for action in parser._actions
                if action.option_strings and not action.help]
     assert missing == []
 
