@@ -87,16 +87,20 @@ def _hdfs_truth(lines: int) -> tuple[int, set[str]]:
 
 
 def _summary(dataset: DemoDataset, lines: int, alerted: list[str], seen: int, seconds: float) -> str:
-    """The closing line: alerts against the sample's own labels, as precision and recall."""
-    windows, anomalous = _bgl_truth(lines) if dataset.name == "bgl" else _hdfs_truth(lines)
-    unit = "windows of 100 lines" if dataset.name == "bgl" else "block sessions"
-    marked = "with an alert-tagged line" if dataset.name == "bgl" else "labelled Anomaly"
+    """The closing line: alerts against the sample's own labels, with precision and recall."""
+    if dataset.name == "bgl":
+        windows, anomalous = _bgl_truth(lines)
+        unit, marked, holds = "windows", "with an alert-tagged line", "windows of 100 lines"
+        kind = "with an alert-tagged (anomalous) line"
+    else:
+        windows, anomalous = _hdfs_truth(lines)
+        unit, marked, holds, kind = "blocks", "labelled Anomaly", "block sessions", "labelled Anomaly"
     distinct = set(alerted)
     right = len(distinct & anomalous)
     precision = right / len(distinct) if distinct else 0.0
     recall = right / len(anomalous) if anomalous else 0.0
-    return (f"\n{seen} alerts in {seconds:.0f}s: {right} on {unit.split(' of ')[0]} {marked}, {len(distinct) - right} "
-            f"on clean ones. The sample holds {windows} {unit}, {len(anomalous)} {marked}. Against these labels: "
+    return (f"\n{seen} alerts in {seconds:.0f}s: {right} on {unit} {marked}, {len(distinct) - right} on clean "
+            f"{unit}. The sample holds {windows} {holds}, {len(anomalous)} {kind}. Against these labels: "
             f"precision {precision:.2f}, recall {recall:.2f}.")
 
 

@@ -547,7 +547,7 @@ class LogLLM(nn.Module):
         if not distinct:
             return {}
         with torch.no_grad():
-            encoded = self.encode_messages(distinct)  # [m, He]
+            encoded = self.encode_messages(distinct, chunk=32)  # [m, He]; small length-sorted chunks pad little
         return {message: row.clone() for message, row in zip(distinct, encoded)}
 
     def loss(self, windows: Sequence[Sequence[str]], labels: Sequence[bool], *,

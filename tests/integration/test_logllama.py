@@ -77,7 +77,7 @@ def test_both_stages_are_recorded_and_the_report_shows_f1_before_and_after_stage
     assert summary["stages"]["1"]["loss_last"] < summary["stages"]["1"]["loss_first"]
     evaluation = summary["evaluation"]
     assert set(evaluation["compared"]) == {"logllama (stage 1)"} and set(evaluation["baselines"]) == {
-        "novelty", "count_vector"}
+        "novelty", "count_vector", "tfidf"}
     markdown = (artifact / "report" / "report.md").read_text()
     assert "| logllama | model |" in markdown and "| logllama (stage 1) | compared |" in markdown
     final = orjson.loads((artifact / "logllama.json").read_bytes())

@@ -28,7 +28,7 @@ def test_evaluate_baselines_on_the_bgl_sample(tmp_path: Path) -> None:
         assert key in summary
     assert summary["windows"] == 60 and 0 < summary["anomalous_windows"] < 60
     assert summary["tp"] + summary["fp"] + summary["fn"] + summary["tn"] == 60
-    assert summary["detector"] == "novelty" and set(summary["baselines"]) == {"novelty", "count_vector"}
+    assert summary["detector"] == "novelty" and set(summary["baselines"]) == {"novelty", "count_vector", "tfidf"}
     assert summary["baselines"]["count_vector"]["f1"] > 0.3
     assert isinstance(summary["test_windows_in_train"], int)
 

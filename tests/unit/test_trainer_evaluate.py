@@ -80,12 +80,12 @@ def test_evaluate_a_novelty_artifact_beside_the_baselines(tmp_path: Path, capsys
     assert summary["detector"] == "novelty (model)" and summary["split"] == "test"
     assert summary["windows"] == 8  # 400 test lines in windows of 50
     assert summary["tp"] + summary["fp"] + summary["fn"] + summary["tn"] == summary["windows"]
-    assert set(summary["baselines"]) == {"novelty", "count_vector"}
+    assert set(summary["baselines"]) == {"novelty", "count_vector", "tfidf"}
     body = orjson.loads((report / "report.json").read_bytes())
-    assert [d["name"] for d in body["detectors"]] == ["novelty (model)", "novelty", "count_vector"]
+    assert [d["name"] for d in body["detectors"]] == ["novelty (model)", "novelty", "count_vector", "tfidf"]
     assert body["context"]["batch_size"] == 3
     rows = [orjson.loads(line) for line in (report / "predictions.jsonl").read_bytes().splitlines()]
-    assert len(rows) == 8 and set(rows[0]["verdicts"]) == {"novelty (model)", "novelty", "count_vector"}
+    assert len(rows) == 8 and set(rows[0]["verdicts"]) == {"novelty (model)", "novelty", "count_vector", "tfidf"}
 
 
 def test_evaluate_all_windows_and_a_single_class_train_split(tmp_path: Path) -> None:
@@ -94,6 +94,7 @@ def test_evaluate_all_windows_and_a_single_class_train_split(tmp_path: Path) -> 
     summary = evaluate(split, tmp_path, part="all", progress=False)
     assert summary["windows"] == len(split.train) + len(split.test)
     assert "one class" in summary["baselines"]["count_vector"]["skipped"]
+    assert "one class" in summary["baselines"]["tfidf"]["skipped"]
     assert "partly in-sample" in (tmp_path / "report.md").read_text()
 
 
