@@ -8,7 +8,10 @@ by token):
     (bursts of one message, periodic jobs) are judged once;
   - windows are batched (the scoring thread hands over up to `batch_size`), grouped by length to
     limit padding, and judged by ONE forward pass each: the logits of the first token where
-    "The sequence is normal." and "... anomalous." differ give P(anomalous) = score / 100;
+    "The sequence is normal." and "... anomalous." differ give P(anomalous); the window is
+    anomalous when P >= the artifact's threshold (chosen on validation by `fit`; 0.5 for older
+    artifacts), and the alert score is P shifted in log-odds so that the threshold sits at 50
+    (`calibrated_score`);
   - `torch.inference_mode`, LoRA adapters merged into the base weights, CUDA when available.
 
 Cache counters count each distinct message (or window) of a batch once: a hit is work avoided.
@@ -28,7 +31,7 @@ from logstream.coverage import TemplateCoverage
 from logstream.detectors.base import DetectorNotReady
 from logstream.logs import get_logger
 from logstream.lru import CountingLRU, split_cached
-from logstream.model import PROMPT_VERSION, ArtifactError, LogLLM, artifact_fingerprint
+from logstream.model import PROMPT_VERSION, ArtifactError, LogLLM, artifact_fingerprint, calibrated_score
 from logstream.records import Verdict, Window
 from logstream.settings import Settings
 
@@ -100,7 +103,7 @@ class LogLLMDetector:
         detector = cls(model, embedding_cache_size=settings.embedding_cache_size,
                        verdict_cache_size=settings.verdict_cache_size, fingerprint=fingerprint)
         log.info("logllm_ready", model=str(settings.model), version=detector.version, device=str(model.device),
-                 max_messages=model.max_messages)
+                 max_messages=model.max_messages, threshold=model.threshold, llm_layers=model.llm_layers)
         return detector
 
     # --- scoring --------------------------------------------------------------------------------
@@ -114,7 +117,9 @@ class LogLLMDetector:
         if todo:
             probabilities = self._judge([capped[index] for index in todo.values()])
             for key, p in zip(todo, probabilities):
-                verdict = Verdict(anomalous=p > 0.5, score=round(100.0 * p, 3))
+                # The artifact's validation-chosen threshold decides; the score puts it at exactly 50.
+                threshold = self.model.threshold
+                verdict = Verdict(anomalous=p >= threshold, score=round(calibrated_score(p, threshold), 3))
                 known[key] = verdict
                 self.verdicts.put(key, verdict)
         log.debug("logllm_batch", windows=len(windows), judged=len(todo),
