@@ -38,80 +38,95 @@ def fit_novelty(train: Sequence[LabeledWindow]) -> NoveltyDetector:
     return NoveltyDetector.fit(normal_lines(train), source="train split")
 
 
-class CountVectorDetector:
-    """Logistic regression on template-count vectors; score = 100 x P(anomalous)."""
+class _WindowClassifier:
+    """A class-balanced logistic regression on per-window features; score = 100 x P(anomalous).
+
+    Subclasses say how a window becomes features (`_vectorizer`, `_inputs`, `_scale`); fitting,
+    scoring and the one-class refusal are shared.
+    """
+
+    name = ""
+    version = "1"
+
+    def __init__(self, vectorizer: Any, model: Any) -> None:
+        self.vectorizer = vectorizer
+        self.model = model
+
+    @classmethod
+    def fit(cls, train: Sequence[LabeledWindow], seed: int = 42) -> Any:
+        """Learn on the train windows; what training never saw is ignored at scoring time.
+        ValueError when the train windows hold one class only."""
+        from sklearn.linear_model import LogisticRegression
+
+        labels = [item.label for item in train]
+        if len(set(labels)) < 2:
+            raise ValueError("the train split has one class only; a classifier needs both")
+        vectorizer = cls._vectorizer()
+        features = cls._scale(vectorizer.fit_transform(cls._inputs([item.window for item in train])))
+        model = LogisticRegression(max_iter=5000, class_weight="balanced", random_state=seed)
+        model.fit(features, labels)
+        return cls(vectorizer, model)
+
+    def score(self, windows: Sequence[Window]) -> list[Verdict]:
+        if not windows:
+            return []
+        features = self._scale(self.vectorizer.transform(self._inputs(windows)))
+        column = list(self.model.classes_).index(True)
+        probabilities = self.model.predict_proba(features)[:, column]
+        return [Verdict(anomalous=bool(p >= 0.5), score=round(float(p) * 100.0, 4)) for p in probabilities]
+
+    def close(self) -> None:
+        return None
+
+    @staticmethod
+    def _vectorizer() -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _inputs(windows: Sequence[Window]) -> list[Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _scale(features: Any) -> Any:
+        return features
+
+
+class CountVectorDetector(_WindowClassifier):
+    """Logistic regression on log1p-scaled template-count vectors."""
 
     name = "count_vector"
-    version = "1"
 
-    def __init__(self, vectorizer: Any, model: Any) -> None:
-        self.vectorizer = vectorizer
-        self.model = model
-
-    @classmethod
-    def fit(cls, train: Sequence[LabeledWindow], seed: int = 42) -> CountVectorDetector:
-        """Learn on the train windows; templates unseen in training are ignored at scoring time."""
+    @staticmethod
+    def _vectorizer() -> Any:
         from sklearn.feature_extraction import DictVectorizer
-        from sklearn.linear_model import LogisticRegression
 
-        labels = [item.label for item in train]
-        if len(set(labels)) < 2:
-            raise ValueError("the train split has one class only; a classifier needs both")
-        vectorizer = DictVectorizer()
-        features = vectorizer.fit_transform([_counts(item.window) for item in train]).log1p()
-        model = LogisticRegression(max_iter=5000, class_weight="balanced", random_state=seed)
-        model.fit(features, labels)
-        return cls(vectorizer, model)
+        return DictVectorizer()
 
-    def score(self, windows: Sequence[Window]) -> list[Verdict]:
-        if not windows:
-            return []
-        features = self.vectorizer.transform([_counts(window) for window in windows]).log1p()
-        column = list(self.model.classes_).index(True)
-        probabilities = self.model.predict_proba(features)[:, column]
-        return [Verdict(anomalous=bool(p >= 0.5), score=round(float(p) * 100.0, 4)) for p in probabilities]
+    @staticmethod
+    def _inputs(windows: Sequence[Window]) -> list[Any]:
+        return [dict(window.template_counts()) for window in windows]
 
-    def close(self) -> None:
-        return None
+    @staticmethod
+    def _scale(features: Any) -> Any:
+        return features.log1p()
 
 
-class TfidfDetector:
-    """TF-IDF over template tokens (1-2 grams, sublinear tf) + balanced logistic regression; score = 100 x P."""
+class TfidfDetector(_WindowClassifier):
+    """TF-IDF over the tokens of the masked messages (1-2 grams, sublinear tf) + logistic regression."""
 
     name = "tfidf"
-    version = "1"
 
-    def __init__(self, vectorizer: Any, model: Any) -> None:
-        self.vectorizer = vectorizer
-        self.model = model
-
-    @classmethod
-    def fit(cls, train: Sequence[LabeledWindow], seed: int = 42) -> TfidfDetector:
-        """Learn on the train windows (vocabulary from them); ValueError with one class only."""
+    @staticmethod
+    def _vectorizer() -> Any:
         import numpy as np
         from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
 
-        labels = [item.label for item in train]
-        if len(set(labels)) < 2:
-            raise ValueError("the train split has one class only; a classifier needs both")
-        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=_TOKEN_PATTERN,
-                                     lowercase=True, dtype=np.float64)
-        features = vectorizer.fit_transform([_document(item.window) for item in train])
-        model = LogisticRegression(max_iter=5000, class_weight="balanced", random_state=seed)
-        model.fit(features, labels)
-        return cls(vectorizer, model)
+        return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=_TOKEN_PATTERN, lowercase=True,
+                               dtype=np.float64)
 
-    def score(self, windows: Sequence[Window]) -> list[Verdict]:
-        if not windows:
-            return []
-        features = self.vectorizer.transform([_document(window) for window in windows])
-        column = list(self.model.classes_).index(True)
-        probabilities = self.model.predict_proba(features)[:, column]
-        return [Verdict(anomalous=bool(p >= 0.5), score=round(float(p) * 100.0, 4)) for p in probabilities]
-
-    def close(self) -> None:
-        return None
+    @staticmethod
+    def _inputs(windows: Sequence[Window]) -> list[Any]:
+        return [_document(window) for window in windows]
 
 
 # Words of masked messages, the `<*>` placeholder included as a token of its own.
@@ -121,7 +136,3 @@ _TOKEN_PATTERN = r"<\*>|[A-Za-z_][A-Za-z0-9_.\-]*"
 def _document(window: Window) -> str:
     """A window as text: its masked messages, one per line (2-grams may span two messages, as in a log)."""
     return "\n".join(window.templates)
-
-
-def _counts(window: Window) -> dict[str, int]:
-    return dict(window.template_counts())
