@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from logstream.coverage import CoverageMonitor
@@ -72,12 +72,20 @@ class ScoringWorker:
         self._thread.start()
 
     def submit(self, job: ScoreJob) -> None:
+        self.submit_many((job,))
+
+    def submit_many(self, jobs: Sequence[ScoreJob]) -> None:
+        """Queue jobs in order, under one lock and with at most one wake-up of the scorer.
+
+        The scorer is woken only when it can act: it waits for a first job, then for a full batch
+        (or its deadline). Waking it per job costs a thread switch per window; a consume batch that
+        closes many windows (session windows) submits them together."""
+        if not jobs:
+            return
         with self._cond:
-            self._queue.append(job)
-            queued = len(self._queue)
-            # Wake the scorer only when it can act: it waits for a first job, then for a full batch
-            # (or its deadline). Waking it on every job costs a thread switch per window.
-            if queued == 1 or queued == self.batch_size:
+            before = len(self._queue)
+            self._queue.extend(jobs)
+            if before == 0 or before < self.batch_size <= len(self._queue):
                 self._cond.notify_all()
 
     def take_results(self) -> list[ScoreResult]:

@@ -1,0 +1,51 @@
+"""The scoring thread takes a consume batch's windows together and returns their verdicts in order."""
+
+from __future__ import annotations
+
+import time
+
+from logstream.detectors.null import NullDetector
+from logstream.records import LogLine, Verdict, Window
+from logstream.scoring import ScoreJob, ScoringWorker
+
+
+def window(i: int) -> Window:
+    line = LogLine(topic="t", partition=0, offset=i, raw=f"line {i}", template="line <*>", event_time=float(i))
+    return Window("count", "t/0", "t", 0, [line], "size")
+
+
+class CountingDetector(NullDetector):
+    """The null detector, remembering the size of each batch it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def score(self, windows: list[Window]) -> list[Verdict]:
+        self.batches.append(len(windows))
+        return super().score(windows)
+
+
+def collect(worker: ScoringWorker, n: int, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    seqs: list[int] = []
+    while len(seqs) < n and time.monotonic() < deadline:
+        seqs += [result.job.seq for result in worker.take_results()]
+        time.sleep(0.005)
+    return seqs
+
+
+def test_submit_many_scores_in_submission_order_in_full_batches() -> None:
+    detector = CountingDetector()
+    worker = ScoringWorker(detector, batch_size=16, max_wait_s=5.0)
+    worker.start()
+    try:
+        worker.submit_many([ScoreJob(window(i), 0, i) for i in range(40)])
+        worker.submit(ScoreJob(window(40), 0, 40))
+        worker.submit_many([])
+        worker.flush_partial(True)
+        assert collect(worker, 41) == list(range(41))
+        assert sum(detector.batches) == 41 and max(detector.batches) == 16
+        assert detector.batches[:2] == [16, 16]  # woken once for the 40, and they were all there
+    finally:
+        worker.stop()
