@@ -31,6 +31,7 @@ from pathlib import Path
 
 import orjson
 
+from logstream.atomicfile import write_atomic
 from logstream.logs import get_logger
 
 log = get_logger(__name__)
@@ -146,10 +147,7 @@ def file_hash(path: Path, cache_dir: Path | None) -> str:
     if cache_file is not None:
         # Read-modify-replace: a concurrent writer may drop our entry, which only costs a recompute.
         cached[key] = {**stamp, "sha256": sha}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{_HASH_CACHE}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps(cached))
-        tmp.replace(cache_file)
+        write_atomic(cache_file, orjson.dumps(cached))
     return sha
 
 

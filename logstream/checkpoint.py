@@ -21,15 +21,33 @@ is split over several records, read back and joined in order.
 Snapshots: session engines record which sessions were open at P (and the event-time bound's state
 where the replay starts); count engines the offsets where an idle cut closed every open window.
 When an idle cut's windows are still to be published, the cut commits C at their first line and P
-at the cut's line, so a replay reaches the cut and publishes them (`pipeline._close_idle_windows`).
+at the cut's line, so a replay reaches the cut and publishes them (`partitions.PartitionState.idle_cut`).
+
+`CommitPolicy` drives it (cf. arroyo's commit policy, Quix Streams' checkpoint): when a cut is taken
+(every commit interval, or when asked), when it is complete, how it is committed (a plain offset
+commit, or the offsets sent into the open transaction and the transaction committed), and the
+recovery on commit errors (exactly-once: abort, then rewind every partition to its last commit).
+Both consume -> produce -> commit loops (`pipeline.Pipeline`, `repartition.Repartitioner`) use it
+through the small `CommitHost` interface.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from logstream.errors import FatalPipelineError
+from logstream.kafka import KAFKA_CALL_TIMEOUT_S, read_record
+from logstream.logs import get_logger
+from logstream.settings import Settings
+
+log = get_logger(__name__)
 
 METADATA_VERSION = 1
 INLINE_SNAPSHOT_LIMIT = 2048
@@ -137,3 +155,251 @@ def parse_metadata(offset: int | None, metadata: str | None) -> CommittedPositio
         )
     except (ValueError, TypeError, IndexError, orjson.JSONDecodeError):
         return CommittedPosition(offset, offset, None)
+
+
+def read_snapshot(settings: Settings, tp: TopicPartitionKey, committed: CommittedPosition) -> dict[str, Any] | None:
+    """The windower snapshot a commit points at (its state records joined in order), checked against
+    that commit; None (logged) when the records are gone or belong to another commit."""
+    chunks = [read_record(settings, settings.resolved_state_topic, *ref) for ref in committed.state_refs]
+    body = None
+    if all(chunk is not None for chunk in chunks):
+        try:
+            body = orjson.loads(b"".join(chunk for chunk in chunks if chunk is not None))
+        except orjson.JSONDecodeError:
+            body = None
+    expected = {"topic": tp[0], "partition": tp[1], "commit_offset": committed.offset, "fence": committed.fence}
+    if not isinstance(body, dict) or any(body.get(key) != value for key, value in expected.items()):
+        log.error("state_snapshot_missing", partition=f"{tp[0]}/{tp[1]}", ref=committed.state_refs,
+                  found=None if body is None else {key: body.get(key) for key in expected},
+                  consequence="open sessions replay as new windows")
+        return None
+    return body["snapshot"]
+
+
+class CommitHost(Protocol):
+    """The loop that owns the partitions, as `CommitPolicy` sees it. Every call is on the poll thread."""
+
+    def take_cut(self) -> Cut | None:
+        """Each owned partition's committable position now; None when nothing changed since its last commit."""
+
+    def ledgers(self) -> Mapping[TopicPartitionKey, OutputLedger]:
+        """The output ledger of each partition owned now."""
+
+    def pump(self) -> None:
+        """Collect finished work and publish it; raises FatalPipelineError on a fatal condition. Non-blocking."""
+
+    def wait(self, seconds: float) -> None:
+        """Block up to `seconds` for work in progress (waiting for a cut to complete)."""
+
+    def committed(self, parts: Mapping[TopicPartitionKey, PartitionCut]) -> None:
+        """A cut is committed for these partitions (still owned): outputs held back may go now."""
+
+    def rewound(self, tp: TopicPartitionKey, position: CommittedPosition) -> int | None:
+        """Forget `tp`'s state since its last commit and rebuild it from `position`.
+
+        Returns the offset to read next (None: the beginning); the policy seeks the consumer there."""
+
+
+class CommitPolicy:
+    """When a cut is taken, when it is complete, how it is committed, and recovery from failed commits.
+
+    Owns the producer whose records the commits cover: in exactly-once mode it is transactional, its
+    start (`init_transactions`, retried while the coordinator is unreachable) fences any earlier
+    instance with the same transactional id, and one transaction is open at all times. Outputs the
+    host issues after a pending cut must not enter the transaction that commits it (`holds`).
+    Not thread-safe: used on the poll thread only.
+    """
+
+    def __init__(self, settings: Settings, host: CommitHost, producer_config: dict[str, Any],
+                 stop_event: threading.Event) -> None:
+        self.exactly_once = settings.guarantee == "exactly-once"
+        self.interval_s = settings.commit_interval_s
+        self.host = host
+        self.pending: Cut | None = None
+        self.commits = 0
+        self._producer_config = producer_config
+        self._stop_event = stop_event
+        self._last_cut_at = time.monotonic()
+        self.producer: Producer | None = None
+        self.consumer: Consumer | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, consumer: Consumer) -> Producer:
+        """Create the producer (exactly-once: fence earlier instances, open a transaction)."""
+        self.consumer = consumer
+        self.producer = self._new_producer()
+        return self.producer
+
+    def close(self, clean: bool) -> None:
+        """Flush the producer; after an unclean stop in exactly-once mode, abort the open transaction first."""
+        if self.producer is None:
+            return
+        if self.exactly_once and not clean:
+            try:
+                self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+            except KafkaException:
+                pass
+        self.producer.flush(KAFKA_CALL_TIMEOUT_S)
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(self._producer_config)
+        if not self.exactly_once:
+            return producer
+        while True:  # the coordinator may be unreachable for a while (broker outage): keep trying
+            try:
+                producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
+                break
+            except KafkaException as exc:
+                if exc.args[0].fatal() or self._stop_event.is_set():
+                    raise FatalPipelineError(f"cannot start the transactional producer: {exc}") from exc
+                log.warning("producer_init_retry", error=str(exc))
+        producer.begin_transaction()
+        return producer
+
+    # --- cuts -----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Each loop iteration: take a cut when the interval has passed, commit the pending one once complete."""
+        if self.pending is None and time.monotonic() - self._last_cut_at >= self.interval_s:
+            self.cut_now()
+        if self.pending is not None and self.pending.complete(self.host.ledgers()):
+            self.commit(self.pending)
+
+    def cut_now(self) -> None:
+        """Take a cut now (committed by `tick` once its outputs are done)."""
+        self._last_cut_at = time.monotonic()
+        self.pending = self.host.take_cut()
+
+    def holds(self, tp: TopicPartitionKey, seq: int) -> bool:
+        """Exactly-once: output `seq` of `tp` came after the pending cut and must wait for its commit."""
+        if not self.exactly_once or self.pending is None:
+            return False
+        part = self.pending.partitions.get(tp)
+        return part is not None and seq > part.required_seq
+
+    def forget(self, tps: set[TopicPartitionKey]) -> None:
+        """Partitions no longer owned leave the pending cut."""
+        if self.pending is not None:
+            for tp in tps:
+                self.pending.partitions.pop(tp, None)
+
+    def complete_now(self, deadline: float) -> None:
+        """Commit a cut covering everything closed so far, waiting until `deadline` (monotonic seconds).
+
+        A cut still incomplete at the deadline is dropped (exactly-once: its transaction is aborted
+        and the partitions replay from their last commit)."""
+        if self.pending is not None:
+            self._wait_for_cut(deadline)
+        if self.pending is None:
+            self.cut_now()
+            if self.pending is not None:
+                self._wait_for_cut(deadline)
+        if self.pending is not None:
+            log.warning("cut_not_committed", reason="deadline", partitions=len(self.pending.partitions))
+            if self.exactly_once:
+                self.abort_and_rewind()
+            self.pending = None
+
+    def _wait_for_cut(self, deadline: float) -> None:
+        assert self.pending is not None and self.producer is not None
+        while time.monotonic() < deadline:
+            self.host.pump()
+            self.producer.poll(0.02)
+            if self.pending.complete(self.host.ledgers()):
+                if self.commit(self.pending) or self.pending is None:
+                    return
+                time.sleep(0.2)
+            else:
+                self.host.wait(0.02)
+
+    # --- committing -----------------------------------------------------------------------------
+
+    def commit(self, cut: Cut) -> bool:
+        """Commit a complete cut; False when the broker did not take it (a later cut retries)."""
+        assert self.consumer is not None and self.producer is not None
+        owned = self.host.ledgers()
+        live = {tp: part for tp, part in cut.partitions.items() if tp in owned}
+        offsets: list[TopicPartition] = []
+        try:
+            if self.exactly_once:
+                self.producer.flush(KAFKA_CALL_TIMEOUT_S)  # state records get their offsets
+                offsets = _offsets(live)
+                if offsets:
+                    self.producer.send_offsets_to_transaction(
+                        offsets, self.consumer.consumer_group_metadata(), KAFKA_CALL_TIMEOUT_S
+                    )
+                self.producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
+                self.producer.begin_transaction()
+            else:
+                offsets = _offsets(live)
+                if offsets:
+                    self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            return self._on_commit_error(exc)
+        self.pending = None
+        self.commits += 1
+        log.debug("committed", offsets={f"{tp.topic}/{tp.partition}": tp.offset for tp in offsets})
+        self.host.committed(live)
+        return True
+
+    def _on_commit_error(self, exc: KafkaException) -> bool:
+        error: KafkaError = exc.args[0]
+        if error.fatal():
+            raise FatalPipelineError(f"producer fenced or broken: {error}") from exc
+        if self.exactly_once and error.txn_requires_abort():
+            log.warning("transaction_aborted", error=str(error))
+            self.abort_and_rewind()
+            return False
+        log.warning("commit_failed", error=str(error), retriable=error.retriable())
+        if not self.exactly_once:
+            self.pending = None  # a fresh cut at the next interval supersedes it
+        return False
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def abort_and_rewind(self) -> None:
+        """Exactly-once recovery: abort the open transaction and replay every partition from its commit."""
+        assert self.producer is not None
+        try:
+            self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                raise FatalPipelineError(f"cannot abort transaction: {exc}") from exc
+            log.warning("transaction_abort_failed", error=str(exc), action="replacing the producer")
+            self.replace_producer()
+        self.pending = None
+        self.rewind(set(self.host.ledgers()))
+
+    def on_lost(self, lost: set[TopicPartitionKey]) -> None:
+        """Partitions lost without a revoke: nothing of theirs is committed. Exactly-once: our group
+        generation is gone (session expired, broker outage), so the open transaction can never commit;
+        a fresh transactional producer aborts it for certain (the old one's coordinator state may not
+        have survived the outage), and the partitions still owned replay from their last commit."""
+        if self.exactly_once:
+            self.replace_producer()
+            self.rewind(set(self.host.ledgers()) - lost)
+
+    def replace_producer(self) -> None:
+        """Drop the transactional producer (its open transaction with it) and start a fresh one."""
+        assert self.producer is not None
+        self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+        self.producer.flush(0)
+        self.producer = self._new_producer()
+        self.pending = None
+
+    def rewind(self, tps: set[TopicPartitionKey]) -> None:
+        """Forget everything since the last commit of these partitions and read them again from it."""
+        assert self.consumer is not None
+        if not tps:
+            return
+        committed = self.consumer.committed([TopicPartition(*tp) for tp in tps], timeout=KAFKA_CALL_TIMEOUT_S)
+        for tp in committed:
+            start = self.host.rewound((tp.topic, tp.partition), parse_metadata(tp.offset, tp.metadata))
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, start if start is not None else OFFSET_BEGINNING))
+        log.warning("partitions_rewound", partitions=sorted(f"{t}/{p}" for t, p in tps))
+
+
+def _offsets(parts: Mapping[TopicPartitionKey, PartitionCut]) -> list[TopicPartition]:
+    return [TopicPartition(t, p, part.commit_offset, metadata=part.metadata()) for (t, p), part in parts.items()]

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
 from logstream import __version__
 from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, unreadable_file
+from logstream.cliargs import add_settings_arguments, settings_from
 from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
@@ -27,71 +27,6 @@ from logstream.settings import Settings
 log = get_logger("logstream.cli")
 
 Command = Callable[[argparse.Namespace], int]
-
-
-# --- Settings -> argparse ------------------------------------------------------------------------
-
-
-def env_name(field_name: str) -> str:
-    """The environment variable of a Settings field: LOGSTREAM_<NAME>."""
-    return f"LOGSTREAM_{field_name.upper()}"
-
-
-def _settings_help(name: str, field: FieldInfo) -> str:
-    """The field's description, its default (unless the description explains it) and its variable."""
-    default = field.get_default(call_default_factory=True)
-    text = (field.description or "").replace("%", "%%")
-    if default in (None, [], {}):
-        shown = None if "default" in text else "unset"
-    elif isinstance(default, bool):
-        shown = "on" if default else "off"
-    else:
-        shown = str(default).replace("%", "%%")
-    parts = ([f"default: {shown}"] if shown is not None else []) + [f"env {env_name(name)}"]
-    return f"{text} [{'; '.join(parts)}]"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """One flag per Settings field (or per field in `only`); unset flags fall back to env and defaults."""
-    for name, field in Settings.model_fields.items():
-        if only is not None and name not in only:
-            continue
-        annotation = field.annotation
-        args = typing.get_args(annotation)
-        origin = typing.get_origin(annotation)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            annotation = next(a for a in args if a is not type(None))
-            args, origin = typing.get_args(annotation), typing.get_origin(annotation)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _settings_help(name, field), "dest": name}
-        if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kwargs.update(action="append", metavar=name.upper().rstrip("S"))
-        elif origin is dict:
-            kwargs.update(action="append", type=_key_value, metavar="KEY=VALUE")
-        elif origin is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif annotation in (int, float, Path):
-            kwargs["type"] = annotation
-        parser.add_argument(_flag(name), **kwargs)
-
-
-def settings_from(namespace: argparse.Namespace) -> Settings:
-    given = {name: value for name, value in vars(namespace).items() if name in Settings.model_fields}
-    if isinstance(given.get("kafka_option"), list):
-        given["kafka_option"] = dict(given["kafka_option"])
-    return Settings(**given)
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -11,3 +11,24 @@ class KafkaSetupError(RuntimeError):
     """
 
     exit_code = 1
+
+
+class FatalPipelineError(RuntimeError):
+    """The process must stop without committing more (a lost delivery, a fenced producer)."""
+
+
+class FatalFlag:
+    """A fatal condition seen in a Kafka callback, raised on the poll thread at its next check."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+    def raise_if_set(self) -> None:
+        """Raises FatalPipelineError naming the reason, once one was set."""
+        if self.reason is not None:
+            raise FatalPipelineError(self.reason)

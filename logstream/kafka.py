@@ -26,6 +26,7 @@ RECORD_OVERHEAD_BYTES = 65_536  # headers and batch framing on top of a record's
 RECONNECT_BACKOFF_MS, RECONNECT_BACKOFF_MAX_MS = 500, 10_000
 # How often clients look for topics they wait for (a consumer started before its input topic exists).
 METADATA_REFRESH_MS = 2_000
+KAFKA_CALL_TIMEOUT_S = 10.0  # a blocking client call (commit, transaction step, committed offsets)
 CONNECT_ATTEMPT_S, CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S = 2.0, 0.5, 5.0
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from drain3.drain import Drain, LogCluster, Node
 
+from logstream.atomicfile import write_atomic
 from logstream.parsing import MASK
 
 PAD, START, UNKNOWN, END = 0, 1, 2, 3
@@ -189,10 +190,7 @@ class LogKeys:
         return cls(options, drain, vocabulary, messages=int(body.get("messages", 0)))
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(self.to_json()))
-        tmp.replace(path)
+        write_atomic(path, orjson.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: Path) -> LogKeys:

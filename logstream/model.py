@@ -60,6 +60,7 @@ from transformers.utils import logging as hf_logging
 
 from logstream.basemodels import BaseModel, BaseModelError, resolve_embedder, resolve_llm
 from logstream.coverage import TrainingCoverage
+from logstream.device import pick_device
 from logstream.logs import get_logger
 from logstream.peftlib import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -158,16 +159,6 @@ class BaseModelMismatch(ArtifactError):
 
 
 # --- devices and base models ----------------------------------------------------------------------
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The torch device to run on: as named, else CUDA when available, else CPU."""
-    if name:
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from logstream.kafka import base_config
+from logstream.kafka import RECORD_OVERHEAD_BYTES, base_config, ensure_topics
 from logstream.logs import get_logger
 from logstream.settings import Settings
 
@@ -74,3 +74,16 @@ def output_limits(settings: Settings) -> OutputLimits:
     log.info("output_limits", alert_bytes=limits.alert, dlq_bytes=limits.dlq, state_chunk_bytes=limits.state,
              topic_limits=found)
     return limits
+
+
+def ensure_output_topics(settings: Settings) -> None:
+    """Create the alert, dead-letter and (compacted) state topics where missing, each taking its budget."""
+    ensure_topics(
+        settings,
+        {
+            settings.alerts_topic: {"max.message.bytes": str(settings.alert_max_bytes + RECORD_OVERHEAD_BYTES)},
+            settings.dlq_topic: {"max.message.bytes": str(settings.dlq_max_bytes + RECORD_OVERHEAD_BYTES)},
+            settings.resolved_state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "3600000",
+                                            "max.message.bytes": str(STATE_CHUNK_BYTES + RECORD_OVERHEAD_BYTES)},
+        },
+    )

@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from logstream.files import iter_records
 from logstream.kafka import client_config
-from logstream.repartition import route
+from logstream.routing import route
 
 
 def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> None:

@@ -11,27 +11,32 @@ of the line's first block also carries `logstream.copy-of` (that partition), so 
 the dead-letter topic take the line once. `logstream run` honours both headers, and `logstream
 produce --key block` writes the same records (`route`), so either path gives each block one session.
 
-Partition of a block = crc32(block id) mod partitions: stable across restarts, clients and languages.
-Lines without a block id keep their raw partition (mod the internal topic's partitions); the
-consumer sends them to the dead-letter topic as `unkeyed`, as it would without repartitioning.
+The routing rule is `routing.route` (crc32 of the block id mod partitions). Lines without a block id
+keep their raw partition (mod the internal topic's partitions); the consumer sends them to the
+dead-letter topic as `unkeyed`, as it would without repartitioning.
 
 With `--guarantee exactly-once` the writes and the consumed offsets commit in one transaction
 (consume-transform-produce), so a crash never duplicates a line in the internal topic; with
-at-least-once a crash can repeat lines, which would appear twice in their session.
+at-least-once a crash can repeat lines, which would appear twice in their session. Commits, aborts
+and rewinds are the consumer's own (`checkpoint.CommitPolicy`): each partition's position is a cut,
+committed once the lines below it are acknowledged (or inside the transaction that wrote them).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
-import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from logstream.assignment import AssignmentWatch, check_assignment
+from logstream.checkpoint import CommitPolicy, CommittedPosition, Cut, OutputLedger, PartitionCut
+from logstream.errors import FatalFlag, FatalPipelineError
 from logstream.kafka import (
+    KAFKA_CALL_TIMEOUT_S,
     base_config,
     consumer_config,
     ensure_topics,
@@ -41,57 +46,27 @@ from logstream.kafka import (
     wait_for_broker,
 )
 from logstream.logs import get_logger
-from logstream.parsing import block_ids
+from logstream.routing import BLOCKS_HEADER, COPY_HEADER, route  # noqa: F401  (pipeline.py until it moves)
 from logstream.settings import Settings
 
 log = get_logger(__name__)
 
-BLOCKS_HEADER = "logstream.blocks"  # the blocks of a multi-block line this record carries
-COPY_HEADER = "logstream.copy-of"  # on every copy but the primary: the primary's partition
+TP = tuple[str, int]
 CONSUME_BATCH = 500
+REBALANCE_DRAIN_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """One record carrying a line: where it goes (None: the producer's partitioner), key, headers."""
+class _Source:
+    """One assigned raw partition: the next offset to read and the ledger of lines written for it."""
 
-    partition: int | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]] | None
+    __slots__ = ("position", "origin", "ledger", "epoch", "last_committed")
 
-
-def block_partition(block: str, partitions: int) -> int:
-    """crc32 of the block id modulo the partitions: the same for every client, restart and language."""
-    return zlib.crc32(block.encode()) % partitions
-
-
-def route(value: bytes | None, partitions: int, unkeyed_partition: int | None = None,
-          key: bytes | None = None) -> list[Routed]:
-    """The records that carry one line keyed by block id, the primary copy first.
-
-    One record per partition owning some of the line's blocks (`parsing.block_ids`), keyed by the
-    first block routed there. A line naming several blocks carries `BLOCKS_HEADER` on each record,
-    and `COPY_HEADER` on all but the primary (the partition of its first block). A line without a
-    block id keeps `key` and goes to `unkeyed_partition`.
-    """
-    blocks = block_ids(value.decode("utf-8", "replace")) if value else ()
-    if not blocks:
-        return [Routed(unkeyed_partition, key, None)]
-    targets: dict[int, list[str]] = {}
-    for block in blocks:
-        targets.setdefault(block_partition(block, partitions), []).append(block)
-    primary = block_partition(blocks[0], partitions)
-    return [Routed(partition, here[0].encode(), _headers(blocks, here, partition, primary))
-            for partition, here in targets.items()]
-
-
-def _headers(blocks: Sequence[str], here: list[str], partition: int, primary: int) -> list[tuple[str, bytes]] | None:
-    if len(blocks) < 2:
-        return None
-    headers = [(BLOCKS_HEADER, ",".join(here).encode())]
-    if partition != primary:
-        headers.append((COPY_HEADER, str(primary).encode()))
-    return headers
+    def __init__(self, committed: int | None, epoch: int) -> None:
+        self.position = committed  # next offset to read (None: nothing read or committed yet)
+        self.origin = committed  # where this ownership started reading
+        self.ledger = OutputLedger()
+        self.epoch = epoch
+        self.last_committed = committed
 
 
 class Repartitioner:
@@ -104,18 +79,23 @@ class Repartitioner:
         self.stop_event = stop_event or threading.Event()
         self.exactly_once = settings.guarantee == "exactly-once"
         self.target = settings.repartition_topic
-        self.positions: dict[tuple[str, int], int] = {}  # next offset to read, per assigned raw partition
+        self.sources: dict[TP, _Source] = {}
         self.forwarded = 0
         self.partitions = 0
-        self._owned: set[tuple[str, int]] = set()
+        self._epoch = 0
         self._assigned = False
         self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
-        self._at_end: set[tuple[str, int]] = set()  # partitions read to their end (for --once)
-        self._fatal: str | None = None
-        self.producer: Producer
+        self._at_end: set[TP] = set()  # partitions read to their end (for --once)
+        self._fatal = FatalFlag()
+        # A transactional id of its own: the consumer of the internal topic may run on the same host.
+        config = producer_config(settings)
+        if self.exactly_once:
+            config["transactional.id"] = f"{settings.transactional_id}.repartition"
+        self.policy = CommitPolicy(settings, self, config, self.stop_event)
         self.consumer: Consumer
 
     def run(self) -> int:
+        """Run until stopped (or, with `once`, until the input is consumed). Returns the exit code."""
         s = self.settings
         metadata = wait_for_broker(base_config(s), s.connect_timeout_s)  # BrokerUnreachable: one line, exit 1
         if s.once:
@@ -123,43 +103,30 @@ class Repartitioner:
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
-        # A transactional id of its own: the consumer of the internal topic may run on the same host.
-        config = producer_config(s)
-        if self.exactly_once:
-            config["transactional.id"] = f"{s.transactional_id}.repartition"
-        self.producer = Producer(config)
-        if self.exactly_once:
-            self.producer.init_transactions(30)
-            self.producer.begin_transaction()
         self.consumer = Consumer(consumer_config(s))
+        self.policy.start(self.consumer)
         self.consumer.subscribe(list(s.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         self._assignment = AssignmentWatch(s.input_topic, s.effective_assignment_timeout_s)
         log.info("repartition_started", source=s.input_topic, target=self.target, partitions=self.partitions,
                  guarantee=s.guarantee)
-        last_commit = time.monotonic()
-        done_once = False
+        clean = False
         try:
             while not self.stop_event.is_set():
-                if self._fatal:
-                    raise RuntimeError(self._fatal)
+                self._fatal.raise_if_set()
                 messages = self.consumer.consume(CONSUME_BATCH, 0.1)
                 at_end = self._forward(messages)
-                if time.monotonic() - last_commit >= s.commit_interval_s:
-                    self._commit()
-                    last_commit = time.monotonic()
+                self.policy.tick()
                 check_assignment(self._assignment, s, self.consumer, s.once)  # says why no partition comes
                 if s.once and at_end and self._assigned and not self._assignment.waiting(once=True):
-                    done_once = True
                     break
-            self._commit()
+            self.policy.complete_now(math.inf if s.once else time.monotonic() + s.shutdown_timeout_s)
+            clean = True
+        except FatalPipelineError as exc:
+            log.error("repartition_fatal", error=str(exc))
+            return 2
         finally:
-            if self.exactly_once and not (done_once or self.stop_event.is_set()):
-                try:
-                    self.producer.abort_transaction(10)
-                except KafkaException:
-                    pass
-            self.producer.flush(30)
+            self.policy.close(clean)
             self.consumer.close()
         log.info("repartition_stopped", forwarded=self.forwarded)
         return 0
@@ -174,84 +141,106 @@ class Repartitioner:
                 else:
                     log.warning("consume_error", error=str(error))
                 continue
+            source = self.sources.get(tp)
+            if source is None:
+                continue  # fetched just before its partition was revoked
             self._at_end.discard(tp)
             value = message.value()
             for target in route(value, self.partitions, message.partition() % self.partitions, message.key()):
-                self._produce(target.partition, target.key, value, target.headers, message.timestamp()[1])
-            self.positions[tp] = message.offset() + 1
+                self._produce(tp, source, target.partition, target.key, value, target.headers, message.timestamp()[1])
+            if source.origin is None:
+                source.origin = message.offset()
+            source.position = message.offset() + 1
             self.forwarded += 1
-        self.producer.poll(0)
-        return self._owned <= self._at_end
+        assert self.policy.producer is not None
+        self.policy.producer.poll(0)
+        return set(self.sources) <= self._at_end
 
-    def _produce(self, partition: int | None, key: bytes | None, value: bytes | None, headers: list | None,
-                 timestamp: int) -> None:
+    def _produce(self, tp: TP, source: _Source, partition: int | None, key: bytes | None, value: bytes | None,
+                 headers: list[tuple[str, bytes]] | None, timestamp: int) -> None:
+        producer = self.policy.producer
+        assert producer is not None
+        seq = source.ledger.issue()
+        callback = functools.partial(self._delivered, tp, source.epoch, seq)
         while True:
             try:
-                self.producer.produce(self.target, value, key, partition=partition, headers=headers,
-                                      timestamp=max(timestamp, 0), on_delivery=self._delivered)
-                return
+                producer.produce(self.target, value, key, partition=partition, headers=headers,
+                                 timestamp=max(timestamp, 0), on_delivery=callback)
+                break
             except BufferError:
-                self.producer.poll(0.1)
+                producer.poll(0.1)
+        if self.exactly_once:
+            source.ledger.complete(seq)  # part of the open transaction: done when it commits
 
-    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
-        if error is not None and not (self.exactly_once and error.code() == KafkaError._PURGE_QUEUE):
-            self._fatal = f"delivery to {self.target} failed: {error}"
+    def _delivered(self, tp: TP, epoch: int, seq: int, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            if not (self.exactly_once and error.code() == KafkaError._PURGE_QUEUE):
+                self._fatal.set(f"delivery to {self.target} failed: {error}")
+            return
+        source = self.sources.get(tp)
+        if not self.exactly_once and source is not None and source.epoch == epoch:
+            source.ledger.complete(seq)
 
-    def _commit(self) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.positions.items()]
-        try:
-            if self.exactly_once:
-                if offsets:
-                    self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-                self.producer.commit_transaction(30)
-                self.producer.begin_transaction()
-            else:
-                if self.producer.flush(30):
-                    raise RuntimeError("records still undelivered after 30 s; not committing")
-                if offsets:
-                    self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.fatal():
-                raise
-            if self.exactly_once and error.txn_requires_abort():
-                self._abort_and_rewind()
-            else:
-                log.warning("repartition_commit_failed", error=str(error))
+    # --- the commit policy's host (checkpoint.CommitHost) ----------------------------------------
 
-    def _abort_and_rewind(self) -> None:
-        self.producer.abort_transaction(30)
-        self.producer.begin_transaction()
-        committed = self.consumer.committed([TopicPartition(t, p) for t, p in self.positions], timeout=10)
-        for tp in committed:
-            if tp.offset >= 0:
-                self.consumer.seek(tp)
-                self.positions[(tp.topic, tp.partition)] = tp.offset
-        log.warning("repartition_rewound", partitions=len(committed))
+    def take_cut(self) -> Cut | None:
+        cut = Cut()
+        for tp, source in self.sources.items():
+            if source.position is not None and source.position != source.last_committed:
+                cut.partitions[tp] = PartitionCut(source.position, source.position, source.ledger.issued, None)
+        return cut if cut.partitions else None
+
+    def ledgers(self) -> Mapping[TP, OutputLedger]:
+        return {tp: source.ledger for tp, source in self.sources.items()}
+
+    def pump(self) -> None:
+        self._fatal.raise_if_set()
+
+    def wait(self, seconds: float) -> None:
+        """Deliveries are served by the policy's producer poll: nothing else to wait for."""
+
+    def committed(self, parts: Mapping[TP, PartitionCut]) -> None:
+        for tp, part in parts.items():
+            self.sources[tp].last_committed = part.commit_offset
+
+    def rewound(self, tp: TP, position: CommittedPosition) -> int | None:
+        old = self.sources[tp]
+        self._epoch += 1
+        self.sources[tp] = _Source(position.offset, self._epoch)
+        self._at_end.discard(tp)
+        return position.offset if position.offset is not None else old.origin
+
+    # --- rebalance callbacks ----------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned = True
         self._assignment.on_assign(tp.topic for tp in partitions)
-        self._owned |= {(tp.topic, tp.partition) for tp in partitions}
-        if self.settings.once:
-            for tp in partitions:
-                low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                committed = consumer.committed([tp], timeout=10)[0].offset
-                if high <= max(low, committed):  # nothing to read as of start
-                    self._at_end.add((tp.topic, tp.partition))
+        if not partitions:
+            return
+        committed = consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            self._epoch += 1
+            self.sources[key] = _Source(tp.offset if tp.offset >= 0 else None, self._epoch)
+            if self.settings.once:
+                low, high = consumer.get_watermark_offsets(tp, timeout=KAFKA_CALL_TIMEOUT_S)
+                if high <= max(low, tp.offset):  # nothing to read as of start
+                    self._at_end.add(key)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        self._commit()
-        for tp in revoked:
-            self.positions.pop(tp, None)
-            self._at_end.discard(tp)
-            self._owned.discard(tp)
+        revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
+        if not revoked:
+            return
+        self.policy.complete_now(time.monotonic() + min(REBALANCE_DRAIN_S, self.settings.shutdown_timeout_s))
+        self._drop(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.positions.pop((tp.topic, tp.partition), None)
-            self._at_end.discard((tp.topic, tp.partition))
-            self._owned.discard((tp.topic, tp.partition))
-        if self.exactly_once:
-            self._abort_and_rewind()  # the open transaction holds lines of the lost partitions
+        lost = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
+        self.policy.on_lost(lost)  # exactly-once: the open transaction holds lines of the lost partitions
+        self._drop(lost)
+
+    def _drop(self, tps: set[TP]) -> None:
+        for tp in tps:
+            self.sources.pop(tp, None)
+            self._at_end.discard(tp)
+        self.policy.forget(tps)

@@ -37,9 +37,12 @@ import dataclasses
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from logstream.records import CloseReason, LogLine, Window
+
+if TYPE_CHECKING:
+    from logstream.settings import Settings
 
 _NO_TIME = float("-inf")
 
@@ -126,7 +129,9 @@ class EventTimeBound:
 
 
 class Windower(Protocol):
-    """Per-partition window state. Not thread-safe: owned by the poll loop."""
+    """Per-partition window state, implemented by `CountWindower` and `SessionWindower`.
+
+    Not thread-safe: owned by the poll loop (consumer) or the dump reader (trainer). No call blocks."""
 
     def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
         """Feed the next line of the partition (offsets increase); `record_time`: its Kafka timestamp, seconds."""
@@ -134,8 +139,15 @@ class Windower(Protocol):
     def flush(self) -> list[Window]:
         """Close every open window (end of input), oldest first."""
 
+    def cut(self) -> list[Window]:
+        """Idle close: close the open windows after the last line fed where the engine supports it
+        (count windows; sessions close in event time and return [])."""
+
     def oldest_open_offset(self) -> int | None:
         """First offset of the oldest open window: replay must start there (None when none is open)."""
+
+    def forget_before(self, offset: int) -> None:
+        """State a replay from `offset` (a committed offset) no longer needs may go."""
 
     def snapshot(self) -> dict[str, Any] | None:
         """What a replay from `oldest_open_offset()` needs besides the lines (None: nothing)."""
@@ -144,7 +156,12 @@ class Windower(Protocol):
         """Before a replay: the state `snapshot()` gave; lines below `fence` were handled already."""
 
     @property
-    def open_windows(self) -> int: ...
+    def open_windows(self) -> int:
+        """Windows open now."""
+
+    @property
+    def last_offset(self) -> int | None:
+        """Offset of the last line fed (None before the first)."""
 
 
 class CountWindower:
@@ -190,9 +207,11 @@ class CountWindower:
         """Offset of the last line fed (where a cut now would fall)."""
         return self._last_offset
 
-    def forget_cuts_before(self, offset: int) -> None:
+    def forget_before(self, offset: int) -> None:
         """Cuts below a committed offset are never replayed again."""
         self._cuts = {cut for cut in self._cuts if cut >= offset}
+
+    forget_cuts_before = forget_before  # TEMPORARY: pipeline.py until it moves to the Windower protocol
 
     def flush(self) -> list[Window]:
         return self._close_all("end_of_input")
@@ -254,6 +273,7 @@ class SessionWindower:
         self._restoring: dict[str, int] | None = None
         self._restore_snapshot: dict[str, Any] | None = None
         self._fence = 0
+        self._last_offset: int | None = None
 
     # --- replay -------------------------------------------------------------------------------
 
@@ -308,6 +328,7 @@ class SessionWindower:
             if admitted != line.event_time:
                 line = dataclasses.replace(line, event_time=admitted)
                 clamped = True
+        self._last_offset = line.offset
         if self._restoring is not None:
             if line.offset < self._fence:
                 self._replay(line, bound_before)
@@ -349,6 +370,17 @@ class SessionWindower:
         self._open.clear()
         self._expiry.clear()
         return windows
+
+    def cut(self) -> list[Window]:
+        """Sessions close in event time (gap + grace), never on a quiet wall clock: nothing to cut."""
+        return []
+
+    def forget_before(self, offset: int) -> None:
+        """The snapshot is rebuilt at every cut: nothing below a commit is kept."""
+
+    @property
+    def last_offset(self) -> int | None:
+        return self._last_offset
 
     def oldest_open_offset(self) -> int | None:
         if self._restoring is not None:
@@ -404,6 +436,20 @@ class SessionWindower:
         return Window("session", key, self.topic, self.partition, session.lines, reason)
 
 
+def window_options(settings: Settings) -> dict[str, Any]:
+    """`make_windower` keyword options from settings: the one translation for the consumer and the trainer.
+
+    Session options include the event-time bound (`max_future`, seconds; None: no bound) for the
+    effective session gap (one day for HDFS, 300 s otherwise)."""
+    gap = settings.effective_session_gap
+    return {
+        "size": settings.window_size, "stride": settings.window_stride, "gap": gap, "grace": settings.session_grace,
+        "max_lines": settings.session_max_lines, "max_open": settings.session_max_open,
+        "max_future": settings.future_bound(gap), "future_policy": settings.future_policy,
+        "future_confirm": settings.future_confirm_lines,
+    }
+
+
 def make_windower(
     kind: str,
     topic: str,
@@ -418,7 +464,7 @@ def make_windower(
     max_future: float | None = None,
     future_policy: FuturePolicy = "dead-letter",
     future_confirm: int = 3,
-) -> CountWindower | SessionWindower:
+) -> Windower:
     """The engine for one partition, by window kind (`max_future`: seconds, session windows; None: no bound)."""
     if kind == "count":
         return CountWindower(topic, partition, size, stride)

@@ -1,26 +1,43 @@
-"""The `logstream-train` command: subcommand name -> module that defines it.
+"""The `logstream-train` command: subcommand name -> the module that defines it.
 
 Each module exposes `add_parser(subparsers)` (registering its flags and `func`), so commands live
 beside the code they run and tests call the same functions. The modules import torch (seconds), so
-`main` imports only the one that runs: `logstream-train --help` lists the commands from the
-summaries below without importing any of them.
+each is imported inside the function that registers it, and only for the command that runs:
+`logstream-train --help` lists the commands from the summaries below without importing any of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Any
 
-if TYPE_CHECKING:
-    from logstream.settings import Settings
+Subparsers = Any  # argparse's subparsers action (a private class)
 
-COMMANDS: dict[str, str] = {
-    "evaluate": "trainer.evaluate",
-    "fit": "trainer.fit_logllm",
-    "fit-logllama": "trainer.fit_logllama",
+
+def _add_evaluate(sub: Subparsers) -> None:
+    from trainer.evaluate import add_parser
+
+    add_parser(sub)
+
+
+def _add_fit(sub: Subparsers) -> None:
+    from trainer.fit_logllm import add_parser
+
+    add_parser(sub)
+
+
+def _add_fit_logllama(sub: Subparsers) -> None:
+    from trainer.fit_logllama import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS: dict[str, Callable[[Subparsers], None]] = {
+    "evaluate": _add_evaluate,
+    "fit": _add_fit,
+    "fit-logllama": _add_fit_logllama,
 }
 # What `logstream-train --help` says of each command without importing it (`COMMAND --help` says more).
 SUMMARIES: dict[str, str] = {
@@ -30,18 +47,11 @@ SUMMARIES: dict[str, str] = {
 }
 
 
-def command_settings(args: argparse.Namespace, flags: Sequence[str], command: str) -> Settings | None:
-    """The Settings a subcommand exposes as flags; None (after saying why on stderr) when they are invalid."""
-    from pydantic import ValidationError
+def command_settings(args: argparse.Namespace, flags: Sequence[str], command: str) -> Any:
+    """TEMPORARY: until evaluate.py and fit_logllm.py import `logstream.cliargs.command_settings` themselves."""
+    from logstream.cliargs import command_settings as settings_of
 
-    from logstream.settings import Settings
-
-    try:
-        return Settings(**{name: value for name, value in vars(args).items() if name in flags})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"logstream-train {command}: invalid settings: {problems}", file=sys.stderr)
-        return None
+    return settings_of(args, flags, command)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -57,9 +67,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                 "historical log dumps.")
     parser.add_argument("--version", action="version", version=f"logstream-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for name, add_parser in COMMANDS.items():
         if only is None or only == name:
-            importlib.import_module(module_name).add_parser(sub)
+            add_parser(sub)
         else:
             sub.add_parser(name, help=SUMMARIES[name], add_help=False)
     return parser

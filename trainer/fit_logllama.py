@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logstream.atomicfile import write_atomic
 from logstream.logkeys import FIRST_TEMPLATE, UNKNOWN, DrainOptions, KeysError, LogKeys
 from logstream.logllama import (
     IGNORE,
@@ -501,7 +502,7 @@ class Trainer:
 
 def add_parser(subparsers: Any) -> None:
     """Register `fit-logllama` and its flags."""
-    from logstream.cli import add_settings_arguments
+    from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "fit-logllama", help="train the unsupervised LogLLaMA detector (next-key model + top-K reinforcement)",
@@ -629,7 +630,7 @@ def fit(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def _fit(args: argparse.Namespace, settings: Settings, stages: list[str], config: FitConfig) -> dict[str, Any]:
-    from logstream.model import pick_device
+    from logstream.device import pick_device
 
     trainer = Trainer(config, args.output, device=pick_device(settings.device), cache_dir=settings.cache_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -654,9 +655,7 @@ def _fit(args: argparse.Namespace, settings: Settings, stages: list[str], config
                       info={k: v for k, v in stage1.config.items() if k not in ("kind", "format", "created_at")})
     trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
     trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
-    tmp = args.output / (SUMMARY_FILE + ".tmp")
-    tmp.write_bytes(orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
-    tmp.replace(args.output / SUMMARY_FILE)
+    write_atomic(args.output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
     return trainer.summary
 
 
@@ -685,7 +684,7 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.cli import command_settings
+    from logstream.cliargs import command_settings
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "fit-logllama")

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import torch
 
+from logstream.atomicfile import atomic_path, write_atomic
 from logstream.logs import get_logger
 
 log = get_logger(__name__)
@@ -63,10 +64,8 @@ class RunStore:
     def save(self, name: str, payload: dict[str, Any]) -> None:
         """Write a checkpoint beside its target and swap it in (a kill never leaves half a file)."""
         path = self.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
         log.info("checkpoint_saved", stage=name, step=payload.get("step"), path=str(path))
 
     def load(self, name: str) -> dict[str, Any] | None:
@@ -74,11 +73,7 @@ class RunStore:
         return torch.load(path, weights_only=True) if path.is_file() else None
 
     def write_json(self, name: str, body: dict[str, Any]) -> None:
-        path = self.directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-        tmp.replace(path)
+        write_atomic(self.directory / name, orjson.dumps(body, option=orjson.OPT_INDENT_2))
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str = "step", *, shown: bool = True) -> Any:

@@ -32,7 +32,7 @@ from logstream.logllama import (
     load_artifact,
 )
 from logstream.logs import get_logger
-from logstream.lru import CountingLRU
+from logstream.lru import CountingLRU, split_cached
 from logstream.records import Verdict, Window
 from logstream.settings import Settings
 
@@ -62,7 +62,7 @@ class LogLLaMADetector:
     @classmethod
     def load(cls, directory: Path, *, device: str | None = None, cache_size: int = 10_000) -> LogLLaMADetector:
         """Build from an artifact directory; any problem with it is a `DetectorNotReady` with the reason."""
-        from logstream.model import pick_device
+        from logstream.device import pick_device
 
         try:
             target = pick_device(device)
@@ -98,19 +98,9 @@ class LogLLaMADetector:
         started = time.perf_counter()
         keyed = [KeyWindow.of(window, self.keys) for window in windows]
         digests = [item.digest() for item in keyed]
-        known: dict[bytes, RankedWindow] = {}
-        todo: dict[bytes, KeyWindow] = {}
-        for digest, item in zip(digests, keyed):
-            if digest in known or digest in todo:
-                self.cache.count_hit()
-                continue
-            ranked = self.cache.get(digest)
-            if ranked is None:
-                todo[digest] = item
-            else:
-                known[digest] = ranked
+        known, todo = split_cached(self.cache, digests)
         if todo:
-            for digest, ranked in zip(todo, self.scorer.rank(list(todo.values()))):
+            for digest, ranked in zip(todo, self.scorer.rank([keyed[index] for index in todo.values()])):
                 known[digest] = ranked
                 self.cache.put(digest, ranked)
             self.ranked += len(todo)

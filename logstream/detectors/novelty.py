@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from logstream.atomicfile import write_atomic
 from logstream.coverage import TemplateCoverage, TrainingCoverage
 from logstream.detectors.base import DetectorNotReady
 from logstream.records import LogLine, Verdict, Window
@@ -57,9 +58,7 @@ class NoveltyDetector:
             "unseen_share": self.unseen_share,
             "templates": sorted(self.known),
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-        tmp.replace(path)
+        write_atomic(path, orjson.dumps(body, option=orjson.OPT_INDENT_2))
 
     @classmethod
     def load(cls, path: Path) -> NoveltyDetector:

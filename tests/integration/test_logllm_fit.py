@@ -34,7 +34,8 @@ from tests.kafkatools import (
     run_once,
     unique,
 )
-from trainer.cli import build_parser, command_settings
+from logstream.cliargs import command_settings
+from trainer.cli import build_parser
 from trainer.fit_logllm import SETTINGS_FLAGS, FitError, fit
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,12 +19,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from logstream.producer import produce_file
 from logstream.records import Verdict, Window, window_id
-from logstream.repartition import BLOCKS_HEADER, COPY_HEADER, Repartitioner, block_partition
+from logstream.repartition import Repartitioner
+from logstream.routing import BLOCKS_HEADER, COPY_HEADER, block_partition
 from tests.hardening_inputs import CLOCK_AHEAD_HDFS, CLOCK_AHEAD_INDEX
 from tests.kafkatools import (
     SAMPLES,
     SHARED_DATA,
     BackgroundPipeline,
+    committed_offsets,
     create_topic,
     make_settings,
     produce_lines,
@@ -274,7 +276,7 @@ def multi_block_lines(a: str, b: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("path", ["produce --key block", "repartition"])
+@pytest.mark.parametrize("path", ["produce --key block", "repartition", "repartition exactly-once"])
 def test_a_line_naming_blocks_on_two_partitions_joins_each_session_once(bootstrap: str, tmp_path: Path,
                                                                           path: str) -> None:
     partitions = 4
@@ -295,8 +297,12 @@ def test_a_line_naming_blocks_on_two_partitions_joins_each_session_once(bootstra
         create_topic(bootstrap, raw)
         produce_lines(bootstrap, raw, log_file.read_text().splitlines())
         create_topic(bootstrap, topic, partitions)
-        settings = make_settings(bootstrap, raw, repartition_topic=topic, group_id=unique("repartition"), once=True)
+        guarantee = "exactly-once" if path.endswith("exactly-once") else "at-least-once"
+        settings = make_settings(bootstrap, raw, repartition_topic=topic, group_id=unique("repartition"), once=True,
+                                 guarantee=guarantee)
         assert Repartitioner(settings).run() == 0
+        if guarantee == "exactly-once":  # the offsets went into the transaction with the records
+            assert committed_offsets(bootstrap, settings.group_id, raw) == {0: 5}
 
     sessions = make_settings(bootstrap, topic, format="hdfs", window="session")
     assert run_once(sessions) == 0

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from logstream import __version__
-from logstream.cli import build_parser, env_name
+from logstream.cli import build_parser
+from logstream.cliargs import env_name
 from logstream.settings import Settings
 from trainer.cli import build_parser as build_trainer_parser
 

@@ -318,7 +318,7 @@ def test_count_replay_from_a_cut_rebuilds_the_same_windows(n: int, size: int, da
     fence = lines[stop].offset if stop < n else lines[-1].offset + 1
     commit = first.oldest_open_offset()
     commit = fence if commit is None else commit
-    first.forget_cuts_before(commit)
+    first.forget_before(commit)
     snapshot = first.snapshot()
     second = CountWindower("t", 0, size, stride)
     if snapshot is not None:

@@ -1,0 +1,168 @@
+"""Input records -> lines -> windows, for the partitions the poll loop owns.
+
+A record is parsed into a line (or dead-lettered as a bad record), joined to its partition's
+windows, and the windows it closed are handed on for scoring. Lines below a partition's replay
+fence are replayed: they rebuild windows but repeat no side effect (dead letters, alerts, metrics
+of new work) already done by an earlier owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+from confluent_kafka import KafkaError, Message
+
+from logstream.deadletters import DeadLetterWatch
+from logstream.errors import FatalFlag
+from logstream.logs import LogThrottle, get_logger
+from logstream.metrics import Metrics
+from logstream.parsing import BadRecord, LineParser
+from logstream.partitions import TP, PartitionState
+from logstream.publishing import Publisher
+from logstream.records import LogLine, Window
+from logstream.routing import BLOCKS_HEADER, COPY_HEADER
+from logstream.settings import Settings
+
+log = get_logger(__name__)
+
+
+class Ingest:
+    """Feeds consumed records into the windows of their partitions (poll thread only)."""
+
+    def __init__(self, settings: Settings, parser: LineParser, metrics: Metrics, publisher: Publisher,
+                 dead_letters: DeadLetterWatch, fatal: FatalFlag, error_log: LogThrottle,
+                 submit: Callable[[PartitionState, list[Window]], None]) -> None:
+        self.settings = settings
+        self.parser = parser
+        self.metrics = metrics
+        self.publisher = publisher
+        self.dead_letters = dead_letters
+        self.fatal = fatal
+        self.error_log = error_log
+        self.submit = submit
+        self.session_windows = settings.window == "session"
+
+    def handle(self, messages: list[Message], parts: Mapping[TP, PartitionState]) -> None:
+        """One consumed batch: records of partitions not owned (fetched just before a revoke) are skipped."""
+        counts: dict[TP, int] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_consume_error(message, error, parts)
+                continue
+            tp = (message.topic(), message.partition())
+            state = parts.get(tp)
+            if state is None:
+                continue  # a message fetched just before its partition was revoked
+            counts[tp] = counts.get(tp, 0) + 1
+            self._handle_record(state, message)
+        for tp, n in counts.items():
+            self.dead_letters.read(tp, n)
+            state = parts.get(tp)
+            if state is not None:
+                state.lines_counter.inc(n)
+                state.open_gauge.set(state.windower.open_windows)
+
+    def _on_consume_error(self, message: Message, error: KafkaError, parts: Mapping[TP, PartitionState]) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            state = parts.get((message.topic(), message.partition()))
+            if state is not None:
+                state.eof = True
+            return
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            self.fatal.set(f"consumer fenced or broken: {error}")  # e.g. a newer instance took our static id
+            return
+        if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            topic = message.topic()
+            if self.settings.once:  # checked at start: it was deleted while this batch run read it
+                self.fatal.set(f"input topic {topic!r} disappeared from {self.settings.bootstrap_servers}")
+                return
+            if self.error_log.allow(f"missing:{topic}", time.monotonic()) is not None:
+                log.warning("input_topic_missing", topic=topic, action="waiting: it is consumed within seconds of "
+                            "being created")
+            return
+        suppressed = self.error_log.allow(f"consume:{error.name()}", time.monotonic())
+        if suppressed is not None:
+            log.warning("consume_error", error=str(error), suppressed_since_last=suppressed)
+
+    def _handle_record(self, state: PartitionState, message: Message) -> None:
+        offset = message.offset()
+        state.position = offset + 1
+        state.eof = False
+        if state.origin is None:
+            state.origin = offset
+        replay = offset < state.fence
+        if replay:
+            state.replay_counter.inc()
+        copy = _is_copy(message)
+        if copy and not self.session_windows:
+            return  # a multi-block line counts once, in its primary copy (see routing.route)
+        topic, partition = state.tp
+        try:
+            line = self.parser.parse(
+                message.value(), topic=topic, partition=partition, offset=offset,
+                record_time=message.timestamp()[1] / 1000.0,
+            )
+        except BadRecord as exc:
+            if copy:
+                return  # dead-lettered once, from the primary copy
+            self.metrics.parse_errors.labels(exc.reason).inc()
+            if not replay:
+                self.publisher.dead_letter(state, message, exc.reason, exc.detail)
+            return
+        if self.session_windows:
+            line = _routed_blocks(message, line)
+        result = state.windower.add(line, message.timestamp()[1] / 1000.0)
+        if result.future or result.clamped:
+            self._count_future(state, message, line, result.future, replay)
+            if result.future:
+                return
+        state.last_line_at = time.monotonic()
+        if not replay:
+            if result.opened:
+                self.metrics.windows_opened.labels(self.settings.window).inc(result.opened)
+            if result.joined == 0:
+                reason = "late" if result.late_keys else "unkeyed"
+                detail = f"late for {', '.join(result.late_keys)}" if result.late_keys else "no block id in line"
+                self.publisher.dead_letter(state, message, reason, detail)
+            if result.late_keys:
+                self.metrics.late_lines.inc(len(result.late_keys))
+                log.info("late_line", partition=f"{topic}/{partition}", offset=offset, keys=list(result.late_keys))
+        if result.closed:
+            if replay:
+                log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}", offset=offset,
+                            windows=len(result.closed))
+            else:
+                self.submit(state, result.closed)
+
+    def _count_future(self, state: PartitionState, message: Message, line: LogLine, refused: bool,
+                      replay: bool) -> None:
+        """A line from a clock far ahead of its partition's stream: dead-lettered (refused) or clamped."""
+        if replay:
+            return  # decided, counted and dead-lettered before the restart
+        self.metrics.future_lines.labels("dead-letter" if refused else "clamp").inc()
+        topic, partition = state.tp
+        bound = self.settings.future_bound(self.settings.effective_session_gap)
+        ahead = f"event time {line.event_time:.3f} more than {bound:g} s ahead of stream time"
+        log.info("future_line", partition=f"{topic}/{partition}", offset=message.offset(), refused=refused)
+        if refused:
+            self.publisher.dead_letter(state, message, "future_timestamp", ahead)
+
+
+def _is_copy(message: Message) -> bool:
+    """A second copy of a line naming blocks on several partitions (`produce --key block`, `repartition`)."""
+    headers = message.headers()
+    return bool(headers) and any(name == COPY_HEADER for name, _ in headers)
+
+
+def _routed_blocks(message: Message, line: LogLine) -> LogLine:
+    """A line routed by block id (`repartition`, `produce --key block`) belongs only to the blocks routed here."""
+    headers = message.headers()
+    if not headers:
+        return line
+    for name, value in headers:
+        if name == BLOCKS_HEADER:
+            return dataclasses.replace(line, block_ids=tuple(value.decode().split(",")) if value else ())
+    return line
