@@ -153,6 +153,11 @@ class Settings(BaseSettings):
     max_messages: int = Field(128, ge=1, description="messages per window given to the model (the latest kept)")
     embedding_cache_size: int = Field(50_000, ge=0, description="masked messages whose embeddings are kept")
     verdict_cache_size: int = Field(10_000, ge=0, description="window verdicts kept, keyed by masked messages")
+    logllm_evidence: LogLLMEvidence = Field(
+        "occlusion",
+        description="how LogLLM names the lines behind an anomalous verdict (alert evidence): occlusion, gradient, "
+        "attention, mixed, or off (see README: evidence for LogLLM verdicts)",
+    )
 
     # --- Delivery and lifecycle ---------------------------------------------------------------
     guarantee: Guarantee = Field("at-least-once", description="at-least-once or exactly-once (transactions)")

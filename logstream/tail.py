@@ -53,9 +53,19 @@ def format_alert(alert: dict) -> str:
     head = (f"[{verdict['severity'].upper():8}] score={verdict['score']:5.1f} {window['kind']} window "
             f"{window['key']} ({window['size']} lines, {source['topic']}/{source['partition']} "
             f"offsets {source['first_offset']}-{source['last_offset']}, {alert['event_time']['first']})")
-    reasons = [f"    ! {item.get('reason')}: {item.get('template', '')}" for item in alert.get("evidence", [])[:3]]
+    reasons = [f"    ! {_evidence_reason(item)}: {item.get('template', '')}" for item in alert.get("evidence", [])[:3]]
     samples = [f"    > {sample['line'][:160]}" for sample in alert["sample_lines"][:3]]
     return "\n".join([head, *reasons, *samples])
+
+
+def _evidence_reason(item: dict) -> str:
+    """`reason`, with LogLLM's measured contribution and line count where the item has them."""
+    details = []
+    if "count" in item:
+        details.append(f"{item['count']}x")
+    if isinstance(item.get("contribution"), (int, float)):
+        details.append(f"{item['contribution']:+.2f} {item.get('method', '')}".rstrip())
+    return f"{item.get('reason')} ({', '.join(details)})" if details else str(item.get("reason"))
 
 
 def follow_topic(

@@ -29,6 +29,7 @@ from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
 from trainer.baselines import CountVectorDetector, TfidfDetector, fit_novelty
 from trainer.data import DATASETS, FORMATS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split
+from trainer.evidence import evidence_account
 from trainer.report import DetectorRun, write_report
 
 log = get_logger(__name__)
@@ -40,7 +41,7 @@ ARTIFACT_DETECTORS = {"logllm": "logllm", "logllama": "logllama", "logstream.nov
 SETTINGS_FLAGS = (
     "batch_size", "window_size", "window_stride", "session_gap", "session_grace", "session_max_lines",
     "session_max_open", "device", "embedder", "llm", "cache_dir", "load_in_4bit", "max_messages",
-    "embedding_cache_size", "verdict_cache_size", "log_level",
+    "embedding_cache_size", "verdict_cache_size", "logllm_evidence", "log_level",
 )
 _ARTIFACT_JSON_MAX_BYTES = 1 << 20
 
@@ -64,6 +65,7 @@ def score_windows(
 
     run = DetectorRun(name=name or detector.name, role=role, version=str(getattr(detector, "version", "")))
     bar = tqdm(total=len(windows), desc=run.name, unit="window", file=sys.stderr, disable=None if progress else True)
+    evidence_before = evidence_account(detector)
     try:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
@@ -76,9 +78,12 @@ def score_windows(
                 run.labels.append(item.label)
                 run.predicted.append(bool(verdict.anomalous))
                 run.scores.append(float(verdict.score))
+                if item.label and verdict.anomalous:
+                    run.evidence.add(item.window, verdict)
             bar.update(len(batch))
     finally:
         bar.close()
+        run.evidence.cost(detector, evidence_before)
     return run
 
 
@@ -176,6 +181,11 @@ def evaluate(
         },
         "report": str(outdir / "report.md"),
     }
+    # evidence hit rate on true positives with line labels (BGL), for each detector that names lines
+    evidence = {run.name: run.evidence.as_dict() for run in runs if run.skipped is None and run.evidence.windows
+                and (run.evidence.without_evidence < run.evidence.windows or run.role != "baseline")}
+    if evidence:
+        summary["evidence"] = evidence
     if compare:
         summary["compared"] = {run.name: {key: run.as_dict()[key] for key in ("precision", "recall", "f1")}
                                for run in runs if run.role == "compared"}

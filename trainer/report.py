@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from trainer.data import LabeledWindow
+from trainer.evidence import EvidenceTally, evidence_markdown
 from trainer.metrics import Confusion, ThresholdSweep, average_precision, confusion, threshold_sweep
 from trainer.report_html import render_html
 
@@ -34,6 +35,7 @@ class DetectorRun:
     scores: list[float] = field(default_factory=list)
     seconds: float = 0.0  # scoring wall time
     fit_seconds: float | None = None  # baselines: fitting on the train split
+    evidence: EvidenceTally = field(default_factory=EvidenceTally)  # top-3 evidence hit rate on true positives
     skipped: str | None = None  # why there are no verdicts
 
     @property
@@ -258,6 +260,8 @@ def _markdown(body: dict[str, Any], runs: Sequence[DetectorRun], windows: Sequen
                 f"{best['threshold']:g} (tuned on the evaluated windows: optimistic).")
     add(f"\nEvaluated {summary['windows']} windows ({summary['anomalous_windows']} anomalous). "
         f"Primary detector scored them in {summary['seconds']:.2f} s.\n")
+    if summary.get("evidence"):
+        add(evidence_markdown(summary["evidence"]))
     if context.get("validation"):
         add(_side_by_side(context["validation"], summary))
 

@@ -14,18 +14,24 @@ by token):
     (`calibrated_score`);
   - `torch.inference_mode`, LoRA adapters merged into the base weights, CUDA when available.
 
+Evidence: a window judged anomalous gets its distinct messages ranked by what they add to the
+anomalous answer (`logstream.attribution`, method `--logllm-evidence`); the ranking is cached with
+the verdict and placed on each window's own lines (`localize`). Normal windows cost nothing more.
+
 Cache counters count each distinct message (or window) of a batch once: a hit is work avoided.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from logstream.attribution import Attributor, EvidenceMethod, localize, log_odds, ranking_evidence
 from logstream.basemodels import BaseModelError
 from logstream.coverage import TemplateCoverage
 from logstream.detectors.base import DetectorNotReady
@@ -74,8 +80,11 @@ class LogLLMDetector:
     name = "logllm"
 
     def __init__(self, model: LogLLM, *, embedding_cache_size: int, verdict_cache_size: int,
-                 fingerprint: str = "") -> None:
+                 fingerprint: str = "", evidence: EvidenceMethod | None = None) -> None:
         self.model = model
+        self.attributor = Attributor(model, evidence) if evidence is not None else None
+        self.attributed = 0  # anomalous windows whose messages were ranked
+        self.evidence_seconds = 0.0  # time spent ranking them (the cost of evidence)
         self.version = f"{PROMPT_VERSION}+{fingerprint[:12]}" if fingerprint else str(PROMPT_VERSION)
         self.embeddings: CountingLRU[str, Tensor] = CountingLRU(embedding_cache_size)
         self.verdicts: CountingLRU[bytes, Verdict] = CountingLRU(verdict_cache_size)
@@ -100,10 +109,12 @@ class LogLLMDetector:
         except ValueError as exc:  # e.g. a CUDA device or 4-bit requested where there is none
             raise DetectorNotReady(f"cannot load LogLLM artifact {settings.model}: {exc}") from None
         model.merge_lora()
+        evidence = None if settings.logllm_evidence == "off" else settings.logllm_evidence
         detector = cls(model, embedding_cache_size=settings.embedding_cache_size,
-                       verdict_cache_size=settings.verdict_cache_size, fingerprint=fingerprint)
+                       verdict_cache_size=settings.verdict_cache_size, fingerprint=fingerprint, evidence=evidence)
         log.info("logllm_ready", model=str(settings.model), version=detector.version, device=str(model.device),
-                 max_messages=model.max_messages, threshold=model.threshold, llm_layers=model.llm_layers)
+                 max_messages=model.max_messages, threshold=model.threshold, llm_layers=model.llm_layers,
+                 evidence=settings.logllm_evidence)
         return detector
 
     # --- scoring --------------------------------------------------------------------------------
@@ -115,21 +126,31 @@ class LogLLMDetector:
         keys = [verdict_key(messages) for messages in capped]
         known, todo = split_cached(self.verdicts, keys)
         if todo:
-            probabilities = self._judge([capped[index] for index in todo.values()])
-            for key, p in zip(todo, probabilities):
+            new = [capped[index] for index in todo.values()]
+            probabilities, vectors = self._judge(new)
+            for key, messages, p in zip(todo, new, probabilities):
                 # The artifact's validation-chosen threshold decides; the score puts it at exactly 50.
                 threshold = self.model.threshold
                 verdict = Verdict(anomalous=p >= threshold, score=round(calibrated_score(p, threshold), 3))
+                if verdict.anomalous and self.attributor is not None:
+                    verdict = self._with_ranking(verdict, messages, p, vectors)
                 known[key] = verdict
                 self.verdicts.put(key, verdict)
         log.debug("logllm_batch", windows=len(windows), judged=len(todo),
                   seconds=round(time.perf_counter() - started, 3))
-        return [known[key] for key in keys]
+        return [self._placed(window, messages, known[key]) for window, messages, key in zip(windows, capped, keys)]
 
-    def _judge(self, windows: list[list[str]]) -> list[float]:
-        """P(anomalous) for windows not seen before."""
+    def _judge(self, windows: list[list[str]]) -> tuple[list[float], dict[str, Tensor]]:
+        """P(anomalous) for windows not seen before, and the encoder vectors of their messages."""
         with torch.inference_mode():
             vectors = self._message_vectors(dict.fromkeys(m for messages in windows for m in messages))
+            result = self._probabilities(windows, vectors)
+        self.judged += len(windows)
+        return result, vectors
+
+    def _probabilities(self, windows: list[list[str]], vectors: dict[str, Tensor]) -> list[float]:
+        """P(anomalous) of windows whose message vectors are all in `vectors`, in length-grouped forwards."""
+        with torch.inference_mode():
             stacked = [torch.stack([vectors[m] for m in messages]) for messages in windows]  # B x [n, He]
             fixed = len(self.model.prompt.head) + len(self.model.prompt.tail) + len(self.model.prompt.common)
             result = [0.0] * len(windows)
@@ -137,8 +158,41 @@ class LogLLMDetector:
                 probabilities = self.model.anomaly_probability([stacked[i] for i in group]).tolist()
                 for index, p in zip(group, probabilities):
                     result[index] = p
-        self.judged += len(windows)
         return result
+
+    # --- evidence -------------------------------------------------------------------------------
+
+    def _with_ranking(self, verdict: Verdict, messages: list[str], p: float, vectors: dict[str, Tensor]) -> Verdict:
+        """The verdict with its messages ranked (window-independent evidence, cached with it)."""
+        assert self.attributor is not None
+        attribution = self.attributor.attribute(messages, vectors, p, lambda ws: self._variants(ws, vectors))
+        self.attributed += 1
+        self.evidence_seconds += attribution.seconds
+        return Verdict(anomalous=verdict.anomalous, score=verdict.score, evidence=ranking_evidence(attribution))
+
+    def _variants(self, windows: list[list[str]], vectors: dict[str, Tensor]) -> list[float]:
+        """P(anomalous) of occlusion variants: from the verdict cache where a real window had that sequence."""
+        result: list[float | None] = []
+        for messages in windows:
+            key = verdict_key(messages)
+            cached = self.verdicts.get(key) if key in self.verdicts else None  # a hit is a forward saved
+            result.append(None if cached is None else self._probability_of(cached.score))
+        todo = [i for i, p in enumerate(result) if p is None]
+        for i, p in zip(todo, self._probabilities([windows[i] for i in todo], vectors) if todo else []):
+            result[i] = p
+        return [p for p in result if p is not None]
+
+    def _probability_of(self, score: float) -> float:
+        """P(anomalous) behind a verdict's 0-100 score (the score puts the decision threshold at 50)."""
+        shift = log_odds(score / 100.0) + log_odds(self.model.threshold)  # inverse of `calibrated_score`
+        return 1.0 / (1.0 + math.exp(-shift))
+
+    def _placed(self, window: Window, messages: list[str], verdict: Verdict) -> Verdict:
+        """A cached verdict's ranked messages placed on this window's lines (index, offset, count)."""
+        if not verdict.evidence:
+            return verdict
+        evidence = localize(window, window.size - len(messages), verdict.evidence)
+        return Verdict(anomalous=verdict.anomalous, score=verdict.score, evidence=evidence)
 
     def _message_vectors(self, distinct: dict[str, None]) -> dict[str, Tensor]:
         """Encoder vectors of the distinct messages: from the cache, else encoded now (and cached)."""
