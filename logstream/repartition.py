@@ -46,7 +46,7 @@ from logstream.kafka import (
     wait_for_broker,
 )
 from logstream.logs import get_logger
-from logstream.routing import BLOCKS_HEADER, COPY_HEADER, route  # noqa: F401  (pipeline.py until it moves)
+from logstream.routing import route
 from logstream.settings import Settings
 
 log = get_logger(__name__)

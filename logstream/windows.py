@@ -211,8 +211,6 @@ class CountWindower:
         """Cuts below a committed offset are never replayed again."""
         self._cuts = {cut for cut in self._cuts if cut >= offset}
 
-    forget_cuts_before = forget_before  # TEMPORARY: pipeline.py until it moves to the Windower protocol
-
     def flush(self) -> list[Window]:
         return self._close_all("end_of_input")
 
