@@ -45,32 +45,42 @@ class Ingest:
         self.session_windows = settings.window == "session"
 
     def handle(self, messages: list[Message], parts: Mapping[TP, PartitionState]) -> None:
-        """One consumed batch: records of partitions not owned (fetched just before a revoke) are skipped."""
-        counts: dict[TP, int] = {}
+        """One consumed batch: records of partitions not owned (fetched just before a revoke) are skipped.
+
+        Each partition's records are taken together, in offset order: parsed in one pass
+        (`LineParser.parse_batch`), fed to its windows line by line, and the windows they closed
+        handed on in one call. The result is what handling the records one at a time gives."""
+        batches: dict[TP, list[Message]] = {}
+        eof_after: dict[TP, int] = {}  # partition -> its records in this batch before its end-of-partition event
         for message in messages:
             error = message.error()
-            if error is not None:
-                self._on_consume_error(message, error, parts)
-                continue
             tp = (message.topic(), message.partition())
-            state = parts.get(tp)
-            if state is None:
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    eof_after[tp] = len(batches.get(tp, ()))
+                else:
+                    self._on_consume_error(message, error)
+                continue
+            if tp not in parts:
                 continue  # a message fetched just before its partition was revoked
-            counts[tp] = counts.get(tp, 0) + 1
-            self._handle_record(state, message)
-        for tp, n in counts.items():
+            batch = batches.get(tp)
+            if batch is None:
+                batches[tp] = batch = []
+            batch.append(message)
+        for tp, batch in batches.items():
+            state = parts[tp]
+            self._handle_records(state, batch)
+            n = len(batch)
             self.dead_letters.read(tp, n)
+            state.lines_counter.inc(n)
+            state.open_gauge.set(state.windower.open_windows)
+        for tp, before in eof_after.items():
             state = parts.get(tp)
-            if state is not None:
-                state.lines_counter.inc(n)
-                state.open_gauge.set(state.windower.open_windows)
+            if state is not None and before == len(batches.get(tp, ())):
+                state.eof = True  # no record of the partition came after its end
 
-    def _on_consume_error(self, message: Message, error: KafkaError, parts: Mapping[TP, PartitionState]) -> None:
-        if error.code() == KafkaError._PARTITION_EOF:
-            state = parts.get((message.topic(), message.partition()))
-            if state is not None:
-                state.eof = True
-            return
+    def _on_consume_error(self, message: Message, error: KafkaError) -> None:
+        """A consume error other than end-of-partition (which `handle` notes on the partition)."""
         if error.fatal() or error.code() == KafkaError._FATAL:
             self.fatal.set(f"consumer fenced or broken: {error}")  # e.g. a newer instance took our static id
             return
@@ -87,34 +97,46 @@ class Ingest:
         if suppressed is not None:
             log.warning("consume_error", error=str(error), suppressed_since_last=suppressed)
 
-    def _handle_record(self, state: PartitionState, message: Message) -> None:
-        offset = message.offset()
-        state.position = offset + 1
+    def _handle_records(self, state: PartitionState, batch: list[Message]) -> None:
+        """Consecutive records of one partition: position and replay counts, one parse, then the windows."""
+        topic, partition = state.tp
+        first, last = batch[0].offset(), batch[-1].offset()
+        state.position = last + 1
         state.eof = False
         if state.origin is None:
-            state.origin = offset
-        replay = offset < state.fence
-        if replay:
-            state.replay_counter.inc()
-        copy = _is_copy(message)
-        if copy and not self.session_windows:
-            return  # a multi-block line counts once, in its primary copy (see routing.route)
+            state.origin = first
+        fence = state.fence
+        if first < fence:
+            state.replay_counter.inc(sum(1 for m in batch if m.offset() < fence))
+        # A multi-block line counts once, in its primary copy (see routing.route): with count windows a
+        # copy is skipped before parsing, as it never reached the parser.
+        copies = [_is_copy(m) for m in batch]
+        todo = [(m, c) for m, c in zip(batch, copies) if not (c and not self.session_windows)]
+        if not todo:
+            return
+        times = [m.timestamp()[1] / 1000.0 for m, _ in todo]
+        parsed = self.parser.parse_batch([m.value() for m, _ in todo], topic=topic, partition=partition,
+                                         offsets=[m.offset() for m, _ in todo], record_times=times)
+        closed: list[Window] = []
+        for (message, copy), line, record_time in zip(todo, parsed, times):
+            self._handle_line(state, message, line, record_time, copy, message.offset() < fence, closed)
+        if closed:
+            self.submit(state, closed)
+
+    def _handle_line(self, state: PartitionState, message: Message, line: LogLine | BadRecord, record_time: float,
+                     copy: bool, replay: bool, closed: list[Window]) -> None:
+        """One parsed record (or bad one) into its partition's windows; windows it closes go to `closed`."""
         topic, partition = state.tp
-        try:
-            line = self.parser.parse(
-                message.value(), topic=topic, partition=partition, offset=offset,
-                record_time=message.timestamp()[1] / 1000.0,
-            )
-        except BadRecord as exc:
+        if isinstance(line, BadRecord):
             if copy:
                 return  # dead-lettered once, from the primary copy
-            self.metrics.parse_errors.labels(exc.reason).inc()
+            self.metrics.parse_errors.labels(line.reason).inc()
             if not replay:
-                self.publisher.dead_letter(state, message, exc.reason, exc.detail)
+                self.publisher.dead_letter(state, message, line.reason, line.detail)
             return
         if self.session_windows:
             line = _routed_blocks(message, line)
-        result = state.windower.add(line, message.timestamp()[1] / 1000.0)
+        result = state.windower.add(line, record_time)
         if result.future or result.clamped:
             self._count_future(state, message, line, result.future, replay)
             if result.future:
@@ -129,13 +151,14 @@ class Ingest:
                 self.publisher.dead_letter(state, message, reason, detail)
             if result.late_keys:
                 self.metrics.late_lines.inc(len(result.late_keys))
-                log.info("late_line", partition=f"{topic}/{partition}", offset=offset, keys=list(result.late_keys))
+                log.info("late_line", partition=f"{topic}/{partition}", offset=message.offset(),
+                         keys=list(result.late_keys))
         if result.closed:
             if replay:
-                log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}", offset=offset,
+                log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}", offset=message.offset(),
                             windows=len(result.closed))
             else:
-                self.submit(state, result.closed)
+                closed.extend(result.closed)
 
     def _count_future(self, state: PartitionState, message: Message, line: LogLine, refused: bool,
                       replay: bool) -> None:
