@@ -27,8 +27,18 @@ import orjson
 from logstream.detectors.base import Detector, DetectorNotReady
 from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings
+from logstream.windows import window_options
 from trainer.baselines import CountVectorDetector, TfidfDetector, fit_novelty
-from trainer.data import DATASETS, FORMATS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split
+from trainer.data import (
+    DATASETS,
+    FORMATS,
+    HDFS_SESSION_GAP_S,
+    HDFS_SESSION_MAX_OPEN,
+    SESSION_OPTIONS,
+    LabeledWindow,
+    Split,
+    load_split,
+)
 from trainer.evidence import evidence_account
 from trainer.report import DetectorRun, write_report
 
@@ -241,17 +251,13 @@ def load_model(path: Path, settings: Settings, dataset: str) -> Detector:
 
 
 def session_options(settings: Settings) -> dict[str, Any]:
-    """HDFS session windower options from settings (the consumer's event-time bound included); the gap
-    and open cap only where set explicitly."""
-    options: dict[str, Any] = {"grace": settings.session_grace, "max_lines": settings.session_max_lines,
-                               "future_policy": settings.future_policy,
-                               "future_confirm": settings.future_confirm_lines}
-    if "session_gap" in settings.model_fields_set:
-        options["gap"] = settings.session_gap
-    if "session_max_open" in settings.model_fields_set:
-        options["max_open"] = settings.session_max_open
-    # the consumer's bound for the HDFS gap the trainer uses (None: no bound)
-    options["max_future"] = settings.future_bound(options.get("gap") or HDFS_SESSION_GAP_S)
+    """HDFS session windower options: the consumer's for `--format hdfs` (`windows.window_options`: gap,
+    grace, caps, event-time bound), except that every block of a day may be open at once
+    (`HDFS_SESSION_MAX_OPEN`) unless --session-max-open is given."""
+    hdfs = window_options(settings.model_copy(update={"format": "hdfs"}))
+    options = {name: value for name, value in hdfs.items() if name in SESSION_OPTIONS}
+    if "session_max_open" not in settings.model_fields_set:
+        options["max_open"] = HDFS_SESSION_MAX_OPEN
     return options
 
 
@@ -260,7 +266,7 @@ def session_options(settings: Settings) -> dict[str, Any]:
 
 def add_parser(subparsers: Any) -> None:
     """Register `evaluate` and its flags."""
-    from logstream.cli import add_settings_arguments
+    from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "evaluate", help="score a dump's test windows with a trained model and the baselines; write a report",
@@ -294,7 +300,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.cli import command_settings
+    from logstream.cliargs import command_settings
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "evaluate")

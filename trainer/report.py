@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from logstream.atomicfile import atomic_path, write_atomic
 from trainer.data import LabeledWindow
 from trainer.evidence import EvidenceTally, evidence_markdown
 from trainer.metrics import Confusion, ThresholdSweep, average_precision, confusion, threshold_sweep
@@ -94,24 +95,17 @@ def write_report(
         "files": {**PLOTS, "markdown": "report.md", "html": "report.html", "predictions": "predictions.jsonl"},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _atomic_write(outdir / "report.json", orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    write_atomic(outdir / "report.json", orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     markdown = _markdown(body, runs, windows)
-    _atomic_write(outdir / "report.md", markdown.encode())
+    write_atomic(outdir / "report.md", markdown.encode())
     title = f"Evaluation: {context.get('model')} on {data.get('dataset')}"
-    _atomic_write(outdir / "report.html", render_html(markdown, outdir, title).encode())
+    write_atomic(outdir / "report.html", render_html(markdown, outdir, title).encode())
     return body
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)
 
 
 def _write_predictions(path: Path, runs: Sequence[DetectorRun], windows: Sequence[LabeledWindow]) -> None:
     """One line per window: identity, truth, and each detector's verdict (for error analysis)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
         for index, item in enumerate(windows):
             window = item.window
             row = {
@@ -120,7 +114,6 @@ def _write_predictions(path: Path, runs: Sequence[DetectorRun], windows: Sequenc
                 "verdicts": {run.name: {"anomalous": run.predicted[index], "score": run.scores[index]} for run in runs},
             }
             handle.write(orjson.dumps(row) + b"\n")
-    tmp.replace(path)
 
 
 # --- plots ------------------------------------------------------------------------------------
