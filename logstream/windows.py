@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -59,6 +60,17 @@ class AddResult:
     opened: int = 0  # windows this line started (metrics: windows opened)
     future: bool = False  # refused by the event-time bound (the caller dead-letters it as future_timestamp)
     clamped: bool = False  # joined with its event time clamped by the event-time bound
+
+
+@dataclass(slots=True)
+class CountBatch:
+    """What feeding a run of lines to a `CountWindower` did (`add_batch`).
+
+    Every line joins at least one window. `closed`: (offset of the line that closed it, window), in
+    closing order; `opened_at`: offsets of the lines that started a window."""
+
+    closed: list[tuple[int, Window]] = field(default_factory=list)
+    opened_at: list[int] = field(default_factory=list)
 
 
 class EventTimeBound:
@@ -194,6 +206,39 @@ class CountWindower:
         if line.offset in self._cuts:  # replaying past a recorded cut: close where it closed
             result.closed.extend(self._close_all("idle"))
         return result
+
+    def add_batch(self, lines: Sequence[LogLine]) -> CountBatch:
+        """Feed consecutive lines at once: what `add` on each in turn does, cut by offsets.
+
+        The lines are appended to the open windows in runs (up to the next window start, the next
+        full window or the next recorded cut), not one by one."""
+        batch = CountBatch()
+        size, stride, cuts, open_ = self.size, self.stride, self._cuts, self._open
+        i, n = 0, len(lines)
+        while i < n:
+            if self._until_next_start == 0:
+                open_.append([])
+                self._until_next_start = stride
+                batch.opened_at.append(lines[i].offset)
+            step = min(self._until_next_start, size - len(open_[0]), n - i)
+            chunk = lines[i:i + step]
+            if cuts:
+                for j, line in enumerate(chunk):
+                    if line.offset in cuts:
+                        chunk = chunk[:j + 1]
+                        break
+                step = len(chunk)
+            for window_lines in open_:
+                window_lines.extend(chunk)
+            self._until_next_start -= step
+            i += step
+            last = chunk[-1].offset
+            self._last_offset = last
+            if len(open_[0]) == size:
+                batch.closed.append((last, self._window(open_.popleft(), "size")))
+            if last in cuts:  # replaying past a recorded cut: close where it closed
+                batch.closed.extend((last, window) for window in self._close_all("idle"))
+        return batch
 
     def cut(self) -> list[Window]:
         """Close every open window after the last line fed (reason `idle`); the cut is kept for replay."""
