@@ -24,9 +24,9 @@ data costs, and the time saved buys epochs.
 Every stage: AdamW (weight decay 0.01); micro-batches of `--micro-batch` (4) windows with gradients
 accumulated over `--grad-accum` (4) of them per optimizer step; the learning rate multiplied by γ =
 `--lr-gamma` (0.7) every `--lr-decay-every` optimizer steps (default: a tenth of the stage's steps,
-rounded up, so at most ten decays per stage, as the reference code does); loss = the weighted mean over
-a step's windows of their cross-entropy over the answer tokens only (`LogLLM.loss`). Frozen parts run in eval mode (no dropout noise on what is
-not learning).
+rounded up, so at most ten decays per stage, as the reference code does); loss = the weighted
+mean over a step's windows of their cross-entropy over the answer tokens only (`LogLLM.loss`).
+Frozen parts run in eval mode (no dropout noise on what is not learning).
 
 Validation (`trainer.validation`): `--validation-fraction` (0.2) of the train split is held out
 before anything is learned (the last windows in time for BGL/Thunderbird/Liberty, a stratified

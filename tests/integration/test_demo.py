@@ -23,6 +23,15 @@ def test_the_demo_serves_the_shipped_logllm_artifact_and_prints_its_alerts() -> 
     assert "offsets 100-199" in done.stdout, (done.stdout[-3000:], done.stderr[-3000:])
     assert "sample holds 3 windows of 100 lines" in done.stderr
     assert "on clean windows" in done.stderr
+    assert "Against these labels: precision" in done.stderr and "recall" in done.stderr
+
+
+def test_the_hdfs_demo_judges_block_sessions_with_the_shipped_hdfs_artifact() -> None:
+    done = demo("--dataset", "hdfs", "--lines", "300")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "detector: logllm, dataset: hdfs" in done.stderr
+    assert "block sessions" in done.stderr and "labelled Anomaly" in done.stderr
+    assert "Against these labels: precision" in done.stderr
 
 
 def test_the_demo_refuses_a_model_it_cannot_load_before_starting_anything() -> None:
@@ -30,3 +39,5 @@ def test_the_demo_refuses_a_model_it_cannot_load_before_starting_anything() -> N
     assert done.returncode == 2 and "is not a directory" in done.stderr
     done = demo("--detector", "logllama")
     assert done.returncode == 2 and "needs --model" in done.stderr
+    done = demo("--detector", "novelty", "--dataset", "hdfs")
+    assert done.returncode == 2 and "no shipped novelty model for hdfs" in done.stderr
