@@ -81,7 +81,8 @@ def main() -> int:
             "random_messages": random_lines_hit(len(tagged_messages & set(distinct)), len(distinct)),
         }
         for method, attributor in attributors.items():
-            attribution = attributor.attribute(capped, vectors, p, lambda ws: detector._probabilities(ws, vectors))
+            attribution = attributor.attribute(capped, vectors, p,
+                                               lambda ws, vectors=vectors: detector._probabilities(ws, vectors))
             evidence = localize(window, seen_from, ranking_evidence(attribution))
             top = [item["line"] for item in evidence[:3]]
             unfiltered = localize(window, seen_from, [

@@ -285,7 +285,8 @@ def measure(bootstrap: str, workload: Workload, chosen: list[Reader], lines: int
         for row in rows:
             timing, row.outputs = logstream_run(bootstrap, topic, workload, row.reader, None)
             row.ours.append(timing)
-            print(f"[{workload.name}] round {i + 1}: logstream {row.reader.name:<8} {sent / timing.wall_s:,.0f} lines/s "
+            print(f"[{workload.name}] round {i + 1}: logstream {row.reader.name:<8} "
+                  f"{sent / timing.wall_s:,.0f} lines/s "
                   f"({sent / timing.cpu_s:,.0f} per CPU-s); {row.outputs['alerts']} alerts, "
                   f"{row.outputs['dlq']} dead letters", flush=True)
     if profile is not None:

@@ -115,7 +115,8 @@ class Attributor:
 
     # --- the methods ----------------------------------------------------------------------------
 
-    def _occlusion(self, messages: Sequence[str], candidates: Sequence[str], p: float, judge: Judge) -> dict[str, float]:
+    def _occlusion(self, messages: Sequence[str], candidates: Sequence[str], p: float,
+                   judge: Judge) -> dict[str, float]:
         """Log-odds drop when every occurrence of a candidate leaves the window (one row per candidate)."""
         variants = [[m for m in messages if m != candidate] for candidate in candidates]
         base = log_odds(p)

@@ -197,7 +197,7 @@ def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]], timeout
     ]
     if not wanted:
         return
-    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+    for future in admin.create_topics(wanted, operation_timeout=timeout).values():
         try:
             future.result()
         except KafkaException as exc:

@@ -9,7 +9,6 @@ import time
 import orjson
 import structlog
 
-
 CLIENT_LOG_INTERVAL_S = 10.0  # at most one librdkafka line per facility and level this often
 
 

@@ -44,7 +44,8 @@ _PREFIX = re.compile(
     rf"(?P<iso>{_ISO})|\[(?P<iso_bracket>{_ISO})\]"
     rf"|(?P<bsd>{_MONTH} {{1,2}}\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})?)"
     r"|(?P<slash>\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2})"
-    rf"|\[(?P<ctime>(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} {{1,2}}\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})? \d{{4}})\]"
+    rf"|\[(?P<ctime>(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} {{1,2}}\d{{1,2}} "
+    rf"\d{{2}}:\d{{2}}:\d{{2}}(?:\.\d{{1,9}})? \d{{4}})\]"
     rf"|\[(?P<clf>{_CLF})\]"
     r"|(?P<epoch>\d{10}(?:\.\d{1,9})?|\d{13})"
     r")(?:\s+|$)",
@@ -112,7 +113,8 @@ def _time(match: re.Match[str], reference: float) -> float:
     if kind == "ctime":
         head, _, year = stamp.rpartition(" ")
         clock, _, fraction = head.partition(".")
-        return _checked(_strptime_seconds(f"{year} {' '.join(clock.split())}", "%Y %a %b %d %H:%M:%S")) + _fraction(fraction)
+        seconds = _checked(_strptime_seconds(f"{year} {' '.join(clock.split())}", "%Y %a %b %d %H:%M:%S"))
+        return seconds + _fraction(fraction)
     if kind == "clf":
         return _checked(_strptime_seconds(stamp, _CLF_FORMAT))
     seconds = float(stamp) if len(stamp) != 13 or "." in stamp else int(stamp) / 1000.0  # epoch s or ms

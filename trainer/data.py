@@ -431,7 +431,7 @@ def _blocks_in_order(logs: Path) -> tuple[dict[str, None], int]:
     """
     blocks: dict[str, None] = {}
     records = 0
-    for records, record in enumerate(iter_records(logs), start=1):
+    for records, record in enumerate(iter_records(logs), start=1):  # noqa: B007  (the count is used below)
         for block in block_ids(record.decode("utf-8", "replace")):
             blocks.setdefault(block, None)
     return blocks, records

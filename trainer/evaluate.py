@@ -104,7 +104,8 @@ def run_baselines(
     batch_size: int = 256,
     seed: int = 42,
 ) -> list[DetectorRun]:
-    """The unseen-template detector, the count-vector and the TF-IDF classifiers, fitted on `train`, scored on `windows`.
+    """The unseen-template detector, the count-vector and the TF-IDF classifiers, fitted on `train`, scored on
+    `windows`.
 
     A baseline that cannot be fitted (e.g. a train split with one class for the classifier) comes
     back with `skipped` set to the reason instead of failing the evaluation.
@@ -162,7 +163,8 @@ def evaluate(
         raise ValueError("detectors to compare need a primary detector to compare with")
     runs: list[DetectorRun] = []
     if detector is not None:
-        name = detector.name if detector.name not in ("novelty", "count_vector", "tfidf") else f"{detector.name} (model)"
+        baseline_name = detector.name in ("novelty", "count_vector", "tfidf")
+        name = f"{detector.name} (model)" if baseline_name else detector.name
         log.info("scoring", detector=name, windows=len(windows), batch_size=batch_size)
         runs.append(score_windows(detector, windows, batch_size=batch_size, name=name, progress=progress))
     for label, other in (compare or {}).items():
@@ -246,7 +248,8 @@ def load_model(path: Path, settings: Settings, dataset: str) -> Detector:
 
     kind = artifact_kind(path)
     fields = settings.model_dump(exclude_unset=True)
-    fields.update(detector=kind, model=path, format=FORMATS[dataset], window="session" if dataset == "hdfs" else "count")
+    fields.update(detector=kind, model=path, format=FORMATS[dataset],
+                  window="session" if dataset == "hdfs" else "count")
     return load_detector(Settings(**fields))
 
 

@@ -264,9 +264,9 @@ def _markdown(body: dict[str, Any], runs: Sequence[DetectorRun], windows: Sequen
     for part in ("train", "test"):
         info = data.get(part, {})
         capped = info.get("before_cap", {})
+        was_capped = data.get("max_windows") and capped.get("windows") != info.get("windows")
         extra = (f" (capped from {capped['windows']} / {capped['anomalous']} by --max-windows "
-                 f"{data.get('max_windows')})" if data.get("max_windows") and capped.get("windows") != info.get("windows")
-                 else "")
+                 f"{data.get('max_windows')})" if was_capped else "")
         add(f"- {part}: {info.get('windows')} windows, {info.get('anomalous')} anomalous{extra}.")
     lines = data.get("lines", {})
     add(f"- Lines: {lines.get('records')} records read, {lines.get('skipped', 0)} skipped"
@@ -302,7 +302,8 @@ def _markdown(body: dict[str, Any], runs: Sequence[DetectorRun], windows: Sequen
     if primary is not None:
         add(f"## Mistakes of {primary.name}\n")
         add("Per-window verdicts of every detector are in `predictions.jsonl`.\n")
-        for title, want_label in (("Missed anomalies (false negatives)", True), ("False alarms (false positives)", False)):
+        sections = (("Missed anomalies (false negatives)", True), ("False alarms (false positives)", False))
+        for title, want_label in sections:
             mistakes = [i for i, (truth, guess) in enumerate(zip(primary.labels, primary.predicted))
                         if truth == want_label and guess != truth]
             add(f"### {title}: {len(mistakes)}\n")

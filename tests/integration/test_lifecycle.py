@@ -155,7 +155,7 @@ def test_run_once_fails_when_its_topic_is_never_assigned_to_it(bootstrap: str) -
     (line,) = plain_lines(done.stderr)
     assert line.startswith(f"logstream run: no partition of {topic} was assigned to this member of group "
                            f"'{topic}.g' within 1"), line
-    assert f"holder on" in line and f"{topic}/0" in line, line
+    assert "holder on" in line and f"{topic}/0" in line, line
 
 
 def test_restart_after_sigkill_without_static_id_says_what_to_do(bootstrap: str, tmp_path: Path) -> None:

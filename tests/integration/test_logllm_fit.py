@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from logstream.cliargs import command_settings
 from logstream.model import ARTIFACT_CONFIG
 from tests.kafkatools import (
     SAMPLES,
@@ -34,7 +35,6 @@ from tests.kafkatools import (
     run_once,
     unique,
 )
-from logstream.cliargs import command_settings
 from trainer.cli import build_parser
 from trainer.fit_logllm import SETTINGS_FLAGS, FitError, fit
 
@@ -84,8 +84,9 @@ def test_fit_runs_every_stage_and_writes_the_served_artifact(fitted: tuple[Path,
     output, summary = fitted
     config = orjson.loads((output / ARTIFACT_CONFIG).read_bytes())
     assert config["kind"] == "logllm" and config["max_messages"] == WINDOW
-    for name in ("projector.safetensors", "embedder_lora/adapter_config.json", "embedder_lora/adapter_model.safetensors",
-                 "llm_lora/adapter_config.json", "llm_lora/adapter_model.safetensors", "fit-summary.json",
+    for name in ("projector.safetensors", "embedder_lora/adapter_config.json",
+                 "embedder_lora/adapter_model.safetensors", "llm_lora/adapter_config.json",
+                 "llm_lora/adapter_model.safetensors", "fit-summary.json",
                  "checkpoints/run.json", "report/report.json", "report/report.md"):
         assert (output / name).is_file(), name
     assert not list(output.glob(".*"))  # no staging or partial directory left behind

@@ -4,8 +4,8 @@ Real sample lines of two partitions, interleaved, with bad records, multi-block 
 block headers, end-of-partition events and a replay fence, go through the consumer's ingest path
 twice: one record per call (the per-line path) and in consume batches of uneven sizes. Everything
 observable must agree: the windows handed on for scoring (ids, keys, close reasons, lines), the dead
-letters (offset, reason, detail), in each partition's order; each partition's position, origin, end flag and window snapshot,
-and every metric (but the wall-clock ones).
+letters (offset, reason, detail), in each partition's order; each partition's position, origin, end flag
+and window snapshot, and every metric (but the wall-clock ones).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class Bigram(nn.Module):
 
 
 def detector(top_k: int, context: int = 16) -> LogLLaMADetector:
-    artifact = Artifact(Bigram().eval(), KEYS, {"format": 1, "decision": {"top_k": top_k}, "model": {"context": context}})
+    config = {"format": 1, "decision": {"top_k": top_k}, "model": {"context": context}}
+    artifact = Artifact(Bigram().eval(), KEYS, config)
     return LogLLaMADetector(artifact, device="cpu", cache_size=100)
 
 

@@ -85,8 +85,8 @@ def test_ppo_clips_the_ratio_so_a_policy_far_past_the_clip_gets_no_push() -> Non
     sets = torch.tensor([[3]])
     old = rl.set_log_prob(torch.tensor([[NEG, NEG, NEG, 0.0, 0.0, 0.0]]), sets)  # the set was much less likely
     x = logits.clone().requires_grad_(True)
-    terms = rl.ppo_loss(rl.set_log_prob(x, sets), old, torch.tensor([1.0]), rl.entropy(x), rl.kl_divergence(x, x.detach()),
-                        clip=0.2, entropy_coef=0.0, kl_coef=0.0)
+    terms = rl.ppo_loss(rl.set_log_prob(x, sets), old, torch.tensor([1.0]), rl.entropy(x),
+                        rl.kl_divergence(x, x.detach()), clip=0.2, entropy_coef=0.0, kl_coef=0.0)
     terms.loss.backward()
     assert x.grad is not None and float(x.grad.abs().sum()) == 0.0  # ratio > 1.2 with A > 0: clipped
     y = torch.tensor([[NEG, NEG, NEG, 0.0, 0.0, 0.0]], requires_grad=True)

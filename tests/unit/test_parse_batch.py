@@ -43,8 +43,8 @@ def batched(parser: LineParser, values: list[bytes | None], record_times: list[f
     while start < len(values):
         end = start + sizes[turn % len(sizes)]
         turn += 1
-        results = parser.parse_batch(values[start:end], topic="t", partition=3, offsets=range(start, min(end, len(values))),
-                                     record_times=record_times[start:end])
+        results = parser.parse_batch(values[start:end], topic="t", partition=3,
+                                     offsets=range(start, min(end, len(values))), record_times=record_times[start:end])
         out += [(r.reason, r.detail) if isinstance(r, BadRecord) else r for r in results]
         start = end
     return out

@@ -85,7 +85,8 @@ def test_bom_before_an_hdfs_dump_keeps_its_first_line(tmp_path: Path) -> None:
     path = tmp_path / "hdfs.log"
     path.write_bytes(BOM + HDFS_LINE + b"\r\n")
     bad: Counter[str] = Counter()
-    assert [line.block_ids for line in iter_log_lines(path, LineParser("hdfs"), bad=bad)] == [("blk_38865049064139660",)]
+    lines = iter_log_lines(path, LineParser("hdfs"), bad=bad)
+    assert [line.block_ids for line in lines] == [("blk_38865049064139660",)]
     assert not bad
 
 
@@ -205,7 +206,8 @@ def test_generic_timestamp_styles(line: str, event_time: float, content: str) ->
 DAYS = [  # the same event on two days: one template
     ("2024-01-02T03:04:05Z worker restarted", "2024-03-17T21:09:55.25Z worker restarted"),
     ("2024-01-02 03:04:05,678 INFO started", "2024-02-11 13:14:15,001 INFO started"),
-    ("<34>1 2003-10-11T22:14:15.003Z mymachine su - - - failed", "<34>1 2003-10-12T01:00:00Z mymachine su - - - failed"),
+    ("<34>1 2003-10-11T22:14:15.003Z mymachine su - - - failed",
+     "<34>1 2003-10-12T01:00:00Z mymachine su - - - failed"),
     ("Nov  3 04:12:01 host sshd: session opened", "Oct 22 17:00:59 host sshd: session opened"),
     ("2024/01/02 03:04:05 [error] upstream timed out", "2024/05/06 07:08:09 [error] upstream timed out"),
     ("[Wed Oct 11 14:32:52 2000] [core:error] missing", "[Thu Oct 12 01:02:03 2000] [core:error] missing"),
@@ -224,7 +226,8 @@ def test_the_same_event_on_another_day_has_the_same_template(first: str, second:
 
 @pytest.mark.parametrize("line", [
     "1234 requests served", "17000000000 eleven digits", "4294967295 bytes free", "9999999999999 ms",
-    "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660 Arabic-Indic digits", "Nov 31 04:12:01 no such day", "2024-13-02 03:04:05 bad month",
+    "\u0661\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0660 Arabic-Indic digits", "Nov 31 04:12:01 no such day",
+    "2024-13-02 03:04:05 bad month",
     "2024-01-02T03:04:05Zworker glued", "[10/Foo/2000:13:55:36 -0700] bad month", "Monday morning", "",
 ])
 def test_what_is_not_a_timestamp_stays_content(line: str) -> None:
@@ -249,7 +252,8 @@ def test_syslog_year_is_the_latest_not_far_after_the_reference() -> None:
 def test_a_replayed_record_gets_the_same_syslog_time() -> None:
     value = b"Jan  1 00:00:01 host cron: ran"
     first = parse("generic", value, record_time=utc(2026, 12, 31, 23, 59, 0))
-    again = LineParser("generic").parse(value, topic="t", partition=0, offset=0, record_time=utc(2026, 12, 31, 23, 59, 0))
+    again = LineParser("generic").parse(value, topic="t", partition=0, offset=0,
+                                        record_time=utc(2026, 12, 31, 23, 59, 0))
     assert first.event_time == again.event_time == utc(2027, 1, 1, 0, 0, 1)
 
 

@@ -113,7 +113,8 @@ def test_logllm_liberty_csv(tmp_path: Path) -> None:
     rows = ["line_no,window,label,content"]
     for i in range(1, 201):
         anomalous = i in (42, 190)
-        content = '"pbs_mom: task_check, cannot tm_reply to 12345.node"' if anomalous else f'"ntpd[{i}]: kernel, ""time"""'
+        content = ('"pbs_mom: task_check, cannot tm_reply to 12345.node"' if anomalous
+                   else f'"ntpd[{i}]: kernel, ""time"""')
         rows.append(f"{i},{(i - 1) // 100 + 1},{int(anomalous)},{content}")
     rows.append("201,3,1,unquoted, comma")  # one column too many: a bad row, counted
     path = tmp_path / "liberty.csv"
