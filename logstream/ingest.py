@@ -24,6 +24,7 @@ from logstream.publishing import Publisher
 from logstream.records import LogLine, Window
 from logstream.routing import BLOCKS_HEADER, COPY_HEADER
 from logstream.settings import Settings
+from logstream.windows import CountWindower
 
 log = get_logger(__name__)
 
@@ -118,10 +119,43 @@ class Ingest:
         parsed = self.parser.parse_batch([m.value() for m, _ in todo], topic=topic, partition=partition,
                                          offsets=[m.offset() for m, _ in todo], record_times=times)
         closed: list[Window] = []
-        for (message, copy), line, record_time in zip(todo, parsed, times):
-            self._handle_line(state, message, line, record_time, copy, message.offset() < fence, closed)
+        if isinstance(state.windower, CountWindower):
+            self._count_lines(state, state.windower, todo, parsed, closed)
+        else:
+            for (message, copy), line, record_time in zip(todo, parsed, times):
+                self._handle_line(state, message, line, record_time, copy, message.offset() < fence, closed)
         if closed:
             self.submit(state, closed)
+
+    def _count_lines(self, state: PartitionState, windower: CountWindower, todo: list[tuple[Message, bool]],
+                     parsed: list[LogLine | BadRecord], closed: list[Window]) -> None:
+        """Count windows take the batch's good lines in one call (no line is ever late, unkeyed or
+        from the future there): what `_handle_line` does line by line, with the same side effects."""
+        fence = state.fence
+        good: list[LogLine] = []
+        for (message, _copy), line in zip(todo, parsed):  # copies never reach count windows
+            if isinstance(line, BadRecord):
+                self.metrics.parse_errors.labels(line.reason).inc()
+                if message.offset() >= fence:
+                    self.publisher.dead_letter(state, message, line.reason, line.detail)
+            else:
+                good.append(line)
+        if not good:
+            return
+        batch = windower.add_batch(good)
+        state.last_line_at = time.monotonic()
+        opened = sum(1 for offset in batch.opened_at if offset >= fence)
+        if opened:
+            self.metrics.windows_opened.labels(self.settings.window).inc(opened)
+        suppressed: dict[int, int] = {}
+        for offset, window in batch.closed:
+            if offset < fence:
+                suppressed[offset] = suppressed.get(offset, 0) + 1
+            else:
+                closed.append(window)
+        for offset, n in suppressed.items():
+            log.warning("replayed_window_suppressed", partition=f"{state.tp[0]}/{state.tp[1]}", offset=offset,
+                        windows=n)
 
     def _handle_line(self, state: PartitionState, message: Message, line: LogLine | BadRecord, record_time: float,
                      copy: bool, replay: bool, closed: list[Window]) -> None:
