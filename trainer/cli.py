@@ -47,13 +47,6 @@ SUMMARIES: dict[str, str] = {
 }
 
 
-def command_settings(args: argparse.Namespace, flags: Sequence[str], command: str) -> Any:
-    """TEMPORARY: until evaluate.py and fit_logllm.py import `logstream.cliargs.command_settings` themselves."""
-    from logstream.cliargs import command_settings as settings_of
-
-    return settings_of(args, flags, command)
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command's flags (`only=None`), or only those of command `only`.
 

@@ -82,8 +82,10 @@ from typing import Any
 import orjson
 import torch
 
+from logstream.atomicfile import write_atomic
 from logstream.basemodels import BaseModelError
 from logstream.coverage import TrainingCoverage
+from logstream.device import pick_device
 from logstream.logs import configure_logging, get_logger
 from logstream.model import (
     ARTIFACT_CONFIG,
@@ -93,7 +95,6 @@ from logstream.model import (
     TRAINABLE_BY_STAGE,
     ArtifactError,
     LogLLM,
-    pick_device,
 )
 from logstream.settings import Settings
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, summarize
@@ -662,7 +663,8 @@ class Trainer:
             torch.manual_seed(self._dropout_seed(stage) + saved["step"])
 
     def _dropout_seed(self, stage: str) -> int:
-        """Seed of a stage's dropout noise: a function of the run's seed, the stage and the rank (each draws its own)."""
+        """Seed of a stage's dropout noise: a function of the run's seed, the stage and the rank (each draws
+        its own)."""
         return self.config.seed * 1_000_003 + STAGES.index(stage) + 7919 * self.world.rank
 
 
@@ -686,7 +688,7 @@ def parse_stages(text: str) -> list[str]:
 
 def add_parser(subparsers: Any) -> None:
     """Register `fit` and its flags."""
-    from logstream.cli import add_settings_arguments
+    from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "fit", help="three-stage LogLLM fine-tuning on a log dump; writes the artifact `logstream run` serves",
@@ -711,7 +713,8 @@ def add_parser(subparsers: Any) -> None:
                       help="share of the train split held out to pick the stage and the threshold (0: none; "
                            "the threshold then falls back to 0.5)")
     train = parser.add_argument_group("training")
-    train.add_argument("--stages", default="1,2,3", help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated")
+    train.add_argument("--stages", default="1,2,3",
+                       help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated")
     train.add_argument("--stage1-samples", type=int, default=1000,
                        help="distinct training windows per stage-1 epoch (at most)")
     for stage, epochs in DEFAULT_EPOCHS.items():
@@ -743,7 +746,8 @@ def add_parser(subparsers: Any) -> None:
                        help="bfloat16 autocast for training on CPU (needs native bf16: AMX or AVX512-BF16); "
                             "on CUDA the LLM computes in bf16 anyway")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--report", type=Path, default=None, help="evaluation report directory (default DIR/report)")
+    evaluation.add_argument("--report", type=Path, default=None,
+                            help="evaluation report directory (default DIR/report)")
     evaluation.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
     add_settings_arguments(parser, only=SETTINGS_FLAGS)
     parser.set_defaults(func=run)
@@ -816,10 +820,7 @@ def fit(args: argparse.Namespace, settings: Settings, world: World | None = None
             trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
     finally:
         world.close()
-    args.output.mkdir(parents=True, exist_ok=True)
-    tmp = args.output / (SUMMARY_FILE + ".tmp")
-    tmp.write_bytes(orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
-    tmp.replace(args.output / SUMMARY_FILE)
+    write_atomic(args.output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
     return trainer.summary
 
 
@@ -866,8 +867,8 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
+    from logstream.cliargs import command_settings
     from logstream.detectors.base import DetectorNotReady
-    from trainer.cli import command_settings
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "fit")
