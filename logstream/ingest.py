@@ -49,8 +49,9 @@ class Ingest:
         """One consumed batch: records of partitions not owned (fetched just before a revoke) are skipped.
 
         Each partition's records are taken together, in offset order: parsed in one pass
-        (`LineParser.parse_batch`), fed to its windows line by line, and the windows they closed
-        handed on in one call. The result is what handling the records one at a time gives."""
+        (`LineParser.parse_batch`), fed to its windows (count windows in one call, sessions line by
+        line), and the windows they closed handed on a scoring batch at a time. The result is what
+        handling the records one at a time gives."""
         batches: dict[TP, list[Message]] = {}
         eof_after: dict[TP, int] = {}  # partition -> its records in this batch before its end-of-partition event
         for message in messages:
@@ -122,8 +123,12 @@ class Ingest:
         if isinstance(state.windower, CountWindower):
             self._count_lines(state, state.windower, todo, parsed, closed)
         else:
+            enough = self.settings.batch_size  # a scoring batch's worth is handed on at once: the scorer starts on it
             for (message, copy), line, record_time in zip(todo, parsed, times):
                 self._handle_line(state, message, line, record_time, copy, message.offset() < fence, closed)
+                if len(closed) >= enough:
+                    self.submit(state, closed)
+                    closed = []
         if closed:
             self.submit(state, closed)
 
