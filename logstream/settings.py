@@ -7,9 +7,9 @@ Derived values are properties, so nothing is stored twice.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
-import json
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
