@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from confluent_kafka import KafkaError, Message
 
@@ -120,8 +121,8 @@ class Ingest:
         parsed = self.parser.parse_batch([m.value() for m, _ in todo], topic=topic, partition=partition,
                                          offsets=[m.offset() for m, _ in todo], record_times=times)
         closed: list[Window] = []
-        if isinstance(state.windower, CountWindower):
-            self._count_lines(state, state.windower, todo, parsed, closed)
+        if not self.session_windows:  # count windows (settings.window): the engine is a CountWindower
+            self._count_lines(state, cast(CountWindower, state.windower), todo, parsed, closed)
         else:
             enough = self.settings.batch_size  # a scoring batch's worth is handed on at once: the scorer starts on it
             for (message, copy), line, record_time in zip(todo, parsed, times):
