@@ -114,13 +114,6 @@ class LoraSpec:
 EMBEDDER_LORA = LoraSpec(r=4, alpha=32, dropout=0.01, targets=("query", "value"))
 LLM_LORA = LoraSpec(r=8, alpha=16, dropout=0.1, targets=("q_proj", "v_proj"))
 
-# What each training stage of the paper updates (`LogLLM.set_trainable(**TRAINABLE_BY_STAGE[s])`).
-TRAINABLE_BY_STAGE: dict[str, dict[str, bool]] = {
-    "1": {"projector": False, "embedder_lora": False, "llm_lora": True},  # LLM learns the answer template
-    "2-1": {"projector": True, "embedder_lora": False, "llm_lora": False},  # projector alone
-    "2-2": {"projector": True, "embedder_lora": True, "llm_lora": False},  # projector + BERT LoRA
-    "3": {"projector": True, "embedder_lora": True, "llm_lora": True},  # everything together
-}
 
 
 def model_view(messages: Sequence[str], max_messages: int, collapse_repeats: bool) -> list[str]:
@@ -389,7 +382,8 @@ class LogLLM(nn.Module):
         self.set_trainable(projector=True, embedder_lora=True, llm_lora=True)
 
     def set_trainable(self, *, projector: bool, embedder_lora: bool, llm_lora: bool) -> None:
-        """Choose what the optimizer updates; base weights always stay frozen (see TRAINABLE_BY_STAGE)."""
+        """Choose what the optimizer updates; base weights always stay frozen (each training stage's choice:
+        trainer.fit_logllm.STAGE_TABLE)."""
         if not self.has_lora:
             raise RuntimeError("no adapters: call attach_lora() on a built model (a loaded artifact has them)")
         for parameter in self.projector.parameters():

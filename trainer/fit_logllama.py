@@ -21,6 +21,7 @@ settings are kept in DIR/checkpoints/run.json and a resume with other settings i
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -35,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logstream.atomicfile import write_atomic
 from logstream.logkeys import FIRST_TEMPLATE, UNKNOWN, DrainOptions, KeysError, LogKeys
 from logstream.logllama import (
     IGNORE,
@@ -58,14 +58,30 @@ from logstream.settings import Settings
 from trainer import rl
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, Split, load_split
 from trainer.logllama_data import Carved, TopKChoice, carve_validation, mine_keys, tune_top_k
-from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
+from trainer.training import (
+    CHECKPOINTS,
+    RunError,
+    RunStore,
+    Stage,
+    fit_skeleton,
+    mean,
+    progress_bar,
+    recent_mean,
+    torch_threads,
+)
 
 log = get_logger(__name__)
 
 STAGE1_DIR = "stage1"
-CHECKPOINTS = "checkpoints"
 DATA_FILE = "data.json"
-SUMMARY_FILE = "fit-summary.json"
+# The two stages in order (see the docstring); DIR/stage1 serves stage 1's model, DIR the last one's.
+STAGE_TABLE = (
+    Stage("1", {"model": True}, 2e-3, 8,
+          "next-key cross-entropy on the normal fit windows (warm-up + cosine LR); K tuned on validation"),
+    Stage("2", {"model": True}, 2e-4, 2,
+          "top-K reward reinforcement (REINFORCE or PPO), KL-tied to the frozen stage-1 model; K tuned again"),
+)
+STAGES = {stage.name: stage for stage in STAGE_TABLE}
 SETTINGS_FLAGS = ("window_size", "window_stride", "session_gap", "session_grace", "session_max_lines",
                   "session_max_open", "device", "cache_dir", "log_level")
 _SHAPE_FLAGS = ("layers", "hidden", "heads", "intermediate")
@@ -124,9 +140,6 @@ class CheckpointStore(RunStore):
 
     def keys_path(self) -> Path:
         return self.directory / "keys.json"
-
-    def stage_path(self, stage: str) -> Path:
-        return self.path(f"stage{stage}")
 
     def write_data(self, body: dict[str, Any]) -> None:
         self.write_json(DATA_FILE, body)
@@ -465,11 +478,11 @@ class Trainer:
 
     def _restore(self, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  generator: torch.Generator) -> dict[str, Any]:
-        saved = self.store.load(f"stage{stage}")
+        saved = self.store.load(stage)
         if saved is None:
             return {"step": 0, "seconds": 0.0, "losses": []}
         if saved.get("run_id") != self.run_id:
-            raise FitError(f"checkpoint {self.store.stage_path(stage)} belongs to another run")
+            raise FitError(f"checkpoint {self.store.path(stage)} belongs to another run")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -479,11 +492,36 @@ class Trainer:
 
     def _checkpoint(self, stage: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator, losses: list[Any], seconds: float) -> None:
-        self.store.save(f"stage{stage}", {
+        self.store.save(stage, {
             "run_id": self.run_id, "step": step, "seconds": seconds, "losses": losses,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
         })
+
+    # --- the skeleton's steps (trainer.training.fit_skeleton) -------------------------------------
+
+    def run(self, stages: Sequence[str], data: Prepared) -> None:
+        """The stages asked for, in order; a stage whose artifact of this run exists is skipped."""
+        if "1" in stages:
+            if self.stage_done("1"):
+                log.info("stage_already_done", stage="1")
+            else:
+                self.stage1(data)
+        if "2" in stages:
+            if not self.stage_done("1"):
+                raise FitError(f"stage 2 needs stage 1 of this run in {self.output / STAGE1_DIR}")
+            if self.stage_done("2"):
+                log.info("stage_already_done", stage="2")
+            else:
+                self.stage2(data)
+
+    def finish(self, data: Prepared) -> None:
+        """Without stage 2 (run now or before), DIR serves the stage-1 model; stage 2 wrote DIR itself."""
+        if self.stage_done("2"):
+            return
+        stage1 = load_artifact(self.output / STAGE1_DIR, self.device)
+        save_artifact(self.output, stage1.model, stage1.keys, top_k=stage1.top_k, context=self.config.context,
+                      info={k: v for k, v in stage1.config.items() if k not in ("kind", "format", "created_at")})
 
     def stage_done(self, stage: str) -> bool:
         """A stage is done when its artifact of this run exists (a kill before that resumes the stage)."""
@@ -543,13 +581,15 @@ def add_parser(subparsers: Any) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--stages", default="1,2", help="stages to run: 1, 2 or 1,2 (2 alone needs --resume)")
     train.add_argument("--batch-size", type=int, default=32, help="rows (chunks of a window) per step")
-    train.add_argument("--epochs-stage1", type=int, default=8, help="passes over the normal fit windows in stage 1")
-    train.add_argument("--lr-stage1", type=float, default=2e-3, help="peak AdamW learning rate of stage 1")
+    train.add_argument("--epochs-stage1", type=int, default=STAGES["1"].epochs,
+                       help="passes over the normal fit windows in stage 1")
+    train.add_argument("--lr-stage1", type=float, default=STAGES["1"].lr, help="peak AdamW learning rate of stage 1")
     train.add_argument("--unknown-rate", type=float, default=0.02,
                        help="share of input keys replaced by <unknown> in stage 1 (robustness to unseen lines)")
     train.add_argument("--rl", choices=("reinforce", "ppo"), default="reinforce", help="stage 2 algorithm")
-    train.add_argument("--epochs-stage2", type=int, default=2, help="passes over the fit windows in stage 2 (RL)")
-    train.add_argument("--lr-stage2", type=float, default=2e-4, help="learning rate of stage 2 (RL)")
+    train.add_argument("--epochs-stage2", type=int, default=STAGES["2"].epochs,
+                       help="passes over the fit windows in stage 2 (RL)")
+    train.add_argument("--lr-stage2", type=float, default=STAGES["2"].lr, help="learning rate of stage 2 (RL)")
     train.add_argument("--rl-top-k", type=int, default=None, help="K of the reward (default: K tuned after stage 1)")
     train.add_argument("--entropy-coef", type=float, default=0.01, help="entropy bonus weight")
     train.add_argument("--kl-coef", type=float, default=0.1, help="KL(policy || stage 1) penalty weight")
@@ -635,28 +675,7 @@ def _fit(args: argparse.Namespace, settings: Settings, stages: list[str], config
     trainer = Trainer(config, args.output, device=pick_device(settings.device), cache_dir=settings.cache_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume)
     torch.manual_seed(config.seed)
-    data = trainer.prepare()
-    started = time.perf_counter()
-    if "1" in stages:
-        if trainer.stage_done("1"):
-            log.info("stage_already_done", stage="1")
-        else:
-            trainer.stage1(data)
-    if "2" in stages:
-        if not trainer.stage_done("1"):
-            raise FitError(f"stage 2 needs stage 1 of this run in {args.output / STAGE1_DIR}")
-        if trainer.stage_done("2"):
-            log.info("stage_already_done", stage="2")
-        else:
-            trainer.stage2(data)
-    elif not trainer.stage_done("2"):  # stage 1 only: DIR serves the stage-1 model
-        stage1 = load_artifact(args.output / STAGE1_DIR, trainer.device)
-        save_artifact(args.output, stage1.model, stage1.keys, top_k=stage1.top_k, context=config.context,
-                      info={k: v for k, v in stage1.config.items() if k not in ("kind", "format", "created_at")})
-    trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
-    trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
-    write_atomic(args.output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
-    return trainer.summary
+    return fit_skeleton(trainer, stages, args.output, functools.partial(evaluate_run, args, settings, trainer))
 
 
 def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,

@@ -1,6 +1,6 @@
 """`logstream-train fit`: LogLLM's three-stage fine-tuning, from a log dump to the artifact the consumer serves.
 
-The stages (../shared/papers/NOTES.md; what each one updates is `logstream.model.TRAINABLE_BY_STAGE`):
+The stages (../shared/papers/NOTES.md; their table, with what each one updates, is `STAGE_TABLE`):
 
   1    LLM LoRA only, lr 5e-4, on at most `--stage1-samples` (1,000) distinct training windows per
        epoch, `--epochs-stage1` (1) epochs.
@@ -82,7 +82,6 @@ from typing import Any
 import orjson
 import torch
 
-from logstream.atomicfile import write_atomic
 from logstream.basemodels import BaseModelError
 from logstream.coverage import TrainingCoverage
 from logstream.device import pick_device
@@ -92,7 +91,6 @@ from logstream.model import (
     EMBEDDER_ADAPTER,
     LLM_ADAPTER,
     PROJECTOR_FILE,
-    TRAINABLE_BY_STAGE,
     ArtifactError,
     LogLLM,
 )
@@ -100,20 +98,40 @@ from logstream.settings import Settings
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, summarize
 from trainer.distinct import DistinctWindow, weighted_distinct
 from trainer.distributed import World, WorldError
-from trainer.training import RunError, RunStore, mean, progress_bar, recent_mean, torch_threads
+from trainer.training import (
+    CHECKPOINTS,
+    RunError,
+    RunStore,
+    Stage,
+    fit_skeleton,
+    mean,
+    progress_bar,
+    recent_mean,
+    torch_threads,
+)
 from trainer.validation import Decision, carve_validation, choose_threshold, validation_ap
 
 log = get_logger(__name__)
 
-STAGES = ("1", "2-1", "2-2", "3")  # the paper's order; a stage starts from the latest one done before it
-CHECKPOINTS = "checkpoints"
-SUMMARY_FILE = "fit-summary.json"
+# The paper's stages in order (a stage starts from the latest one done before it); see the docstring.
+STAGE_TABLE = (
+    Stage("1", {"projector": False, "embedder_lora": False, "llm_lora": True}, 5e-4, 1,
+          "the LLM learns the answer template; at most --stage1-samples windows an epoch; BERT frozen"),
+    Stage("2-1", {"projector": True, "embedder_lora": False, "llm_lora": False}, 5e-4, 1,
+          "the projector alone; BERT frozen (each message encoded once per run)"),
+    Stage("2-2", {"projector": True, "embedder_lora": True, "llm_lora": False}, 5e-5, 1,
+          "projector and BERT LoRA; BERT encodes every micro-batch"),
+    Stage("3", {"projector": True, "embedder_lora": True, "llm_lora": True}, 5e-5, 2,
+          "everything together"),
+)
+STAGES = tuple(stage.name for stage in STAGE_TABLE)
+TRAINS = {stage.name: dict(stage.trains) for stage in STAGE_TABLE}
 _STAGING = ".artifact-staging"
 SETTINGS_FLAGS = ("window_size", "window_stride", "session_gap", "session_grace", "session_max_lines",
                   "session_max_open", "device", "embedder", "llm", "cache_dir", "load_in_4bit", "max_messages",
                   "batch_size", "log_level")
-DEFAULT_LR = {"1": 5e-4, "2-1": 5e-4, "2-2": 5e-5, "3": 5e-5}
-DEFAULT_EPOCHS = {"1": 1, "2-1": 1, "2-2": 1, "3": 2}
+DEFAULT_LR = {stage.name: stage.lr for stage in STAGE_TABLE}
+DEFAULT_EPOCHS = {stage.name: stage.epochs for stage in STAGE_TABLE}
 CHRONOLOGICAL = {"bgl", "thunderbird", "liberty"}  # validation = the latest train windows; HDFS: stratified
 
 
@@ -389,7 +407,7 @@ class Trainer:
         """Finished stages of this run, by name, from their checkpoints."""
         done = {}
         for stage in STAGES:
-            saved = self.store.load(f"stage-{stage}")
+            saved = self.store.load(stage)
             if saved is not None and saved.get("run_id") == self.run_id and saved.get("done"):
                 done[stage] = saved
         return done
@@ -430,13 +448,13 @@ class Trainer:
         """Train one stage from its checkpoint (or its start), then publish the artifact and mark it done."""
         c = self.config
         plan = Plan.make(stage, c, len(data.stream))
-        saved = self.store.load(f"stage-{stage}")
+        saved = self.store.load(stage)
         if saved is not None and saved.get("run_id") != self.run_id:
-            raise FitError(f"checkpoint {self.store.path(f'stage-{stage}')} belongs to another run")
+            raise FitError(f"checkpoint {self.store.path(stage)} belongs to another run")
         source = self.start_weights(stage, done) if saved is None else None
         model = self.model
         assert model is not None
-        model.set_trainable(**TRAINABLE_BY_STAGE[stage])
+        model.set_trainable(**TRAINS[stage])
         parameters = [p for _, p in model.trainable_parameters()]
         optimizer = torch.optim.AdamW(parameters, lr=c.lr[stage], weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=plan.decay_every, gamma=c.lr_gamma)
@@ -457,7 +475,7 @@ class Trainer:
             self.vectors = None
             log.info("checkpoint_restored", stage=stage, step=state["step"], total=plan.total_steps)
         self.train_steps(plan, data, optimizer, scheduler, state)
-        if TRAINABLE_BY_STAGE[stage]["embedder_lora"]:
+        if TRAINS[stage]["embedder_lora"]:
             self.vectors = None  # the encoder moved: its cached vectors are stale
         probe_after = self.probe(data)
         validation_p = self.validation_probabilities(data)
@@ -478,7 +496,7 @@ class Trainer:
         def publish() -> None:
             model.coverage = self.coverage
             publish_artifact(model, self.output)
-            self.store.save(f"stage-{stage}", payload)
+            self.store.save(stage, payload)
 
         self.world.on_main(publish)
         self.weights_of = stage
@@ -494,7 +512,7 @@ class Trainer:
         self._train_mode(plan.stage)
         began = time.perf_counter() - state["seconds"]
         world = self.world
-        vectors = None if TRAINABLE_BY_STAGE[plan.stage]["embedder_lora"] else self.frozen_vectors(data)
+        vectors = None if TRAINS[plan.stage]["embedder_lora"] else self.frozen_vectors(data)
         lengths = [len(w.templates) for w in data.stream]
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         bar = progress_bar(plan.total_steps, state["step"], f"stage {plan.stage}", shown=world.main)
@@ -532,7 +550,7 @@ class Trainer:
                 bar.update(1)
                 if state["step"] % self.checkpoint_every == 0 or state["step"] == plan.total_steps:
                     payload = self._payload(plan.stage, state, optimizer, scheduler)
-                    self.world.on_main(functools.partial(self.store.save, f"stage-{plan.stage}", payload))
+                    self.world.on_main(functools.partial(self.store.save, plan.stage, payload))
                     log.info("stage_progress", stage=plan.stage, step=state["step"], total=plan.total_steps,
                              epoch=step // plan.steps_per_epoch + 1, **shown, windows_per_s=round(rate, 3),
                              seconds=round(state["seconds"], 1))
@@ -544,7 +562,7 @@ class Trainer:
         """Dropout where something learns; frozen parts in eval mode (deterministic features)."""
         model = self.model
         assert model is not None
-        opens = TRAINABLE_BY_STAGE[stage]
+        opens = TRAINS[stage]
         model.train()
         if not opens["embedder_lora"]:
             model.embedder.eval()
@@ -612,6 +630,11 @@ class Trainer:
         return [round(found[seq], 7) for seq in sequences]
 
     def finish(self, data: Prepared) -> None:
+        """Publish the best stage's model, then free it: the evaluation loads the artifact as the consumer does."""
+        self._publish_best(data)
+        self.model = None
+
+    def _publish_best(self, data: Prepared) -> None:
         """Ship the stage with the best validation AP, with the validation-chosen threshold in logllm.json."""
         done = self.done_stages()
         if not done:
@@ -808,20 +831,11 @@ def fit(args: argparse.Namespace, settings: Settings, world: World | None = None
         with torch_threads(args.threads):
             trainer = Trainer(config, args.output, settings, checkpoint_every=args.checkpoint_every,
                               resume=args.resume, world=world)
-            data = trainer.prepare()
-            started = time.perf_counter()
-            trainer.run(stages, data)
-            trainer.finish(data)
-            trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
             trainer.summary["processes"] = world.size
-            trainer.model = None  # free it: the evaluation loads the artifact as the consumer does
-            if not world.main:
-                return trainer.summary
-            trainer.summary["evaluation"] = evaluate_run(args, settings, trainer, data)
+            evaluate = functools.partial(evaluate_run, args, settings, trainer) if world.main else None
+            return fit_skeleton(trainer, stages, args.output, evaluate)
     finally:
         world.close()
-    write_atomic(args.output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
-    return trainer.summary
 
 
 def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,

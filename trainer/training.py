@@ -1,9 +1,14 @@
-"""What the fit commands share: the run store (run.json and checkpoints), the progress bar, CPU threads.
+"""What the fit commands share: one skeleton, the stage table row, the run store, the progress bar, CPU threads.
+
+Every fit command follows `fit_skeleton`: prepare (dump -> windows -> what the stages learn from)
+-> the stages asked for (done ones skipped, an interrupted one resumed) -> finish (publish the
+artifact the consumer serves) -> evaluate -> `OUTPUT/fit-summary.json`. Each model lists its stages
+in one table of `Stage` rows (`fit_logllm.STAGE_TABLE`, `fit_logllama.STAGE_TABLE`).
 
 A training run lives in `OUTPUT/checkpoints/`: `run.json` names the run (an id) and keeps the
 settings that decide what it computes, so `--resume` can refuse a run started with other settings;
-each stage writes one checkpoint file there, replaced atomically, so a kill at any moment leaves
-the previous checkpoint intact.
+each stage writes one checkpoint file there (`stage-<name>.pt`), replaced atomically, so a kill at
+any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import contextlib
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import torch
@@ -25,6 +31,51 @@ from logstream.logs import get_logger
 log = get_logger(__name__)
 
 RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints: the run store
+SUMMARY_FILE = "fit-summary.json"  # OUTPUT/fit-summary.json: what the run did, written last
+
+Data = TypeVar("Data")
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One row of a model's stage table: what the stage trains, its defaults, and how it learns."""
+
+    name: str  # as given to --stages and in checkpoint names
+    trains: Mapping[str, bool]  # the model's parts, and whether this stage updates each
+    lr: float  # default learning rate (each command's flag overrides it)
+    epochs: int  # default epochs
+    mode: str  # how it learns, in a few words (objective, data, what runs frozen)
+
+
+class FitRun(Protocol[Data]):
+    """A fit command's trainer as `fit_skeleton` drives it."""
+
+    summary: dict[str, Any]
+
+    def prepare(self) -> Data:
+        """The dump's windows and everything the stages learn from (the test split kept apart)."""
+
+    def run(self, stages: Sequence[str], data: Data) -> None:
+        """The stages asked for, in table order: done ones skipped, an interrupted one resumed."""
+
+    def finish(self, data: Data) -> None:
+        """Publish the artifact the consumer serves (which stage's model, with which decision rule)."""
+
+
+def fit_skeleton(trainer: FitRun[Data], stages: Sequence[str], output: Path,
+                 evaluate: Callable[[Data], dict[str, Any] | None] | None) -> dict[str, Any]:
+    """prepare -> stages -> finish -> evaluate -> summary (`OUTPUT/fit-summary.json`, written when
+    `evaluate` is given: the main process of a distributed run)."""
+    data = trainer.prepare()
+    started = time.perf_counter()
+    trainer.run(stages, data)
+    trainer.finish(data)
+    trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
+    if evaluate is not None:
+        trainer.summary["evaluation"] = evaluate(data)
+        write_atomic(output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
+    return trainer.summary
 
 
 class RunError(ValueError):
@@ -32,7 +83,7 @@ class RunError(ValueError):
 
 
 class RunStore:
-    """OUTPUT/checkpoints: run.json (settings and run id), one `<name>.pt` per stage, JSON side files."""
+    """OUTPUT/checkpoints: run.json (settings and run id), one `stage-<name>.pt` per stage, JSON side files."""
 
     def __init__(self, directory: Path, error: type[RunError] = RunError) -> None:
         self.directory = directory
@@ -58,18 +109,19 @@ class RunStore:
         self.write_json(RUN_FILE, {"run_id": run_id, "config": config, "started_at": time.time()})
         return run_id
 
-    def path(self, name: str) -> Path:
-        return self.directory / f"{name}.pt"
+    def path(self, stage: str) -> Path:
+        """The checkpoint of stage `stage` (one naming for every fit command)."""
+        return self.directory / f"stage-{stage}.pt"
 
-    def save(self, name: str, payload: dict[str, Any]) -> None:
-        """Write a checkpoint beside its target and swap it in (a kill never leaves half a file)."""
-        path = self.path(name)
+    def save(self, stage: str, payload: dict[str, Any]) -> None:
+        """Write a stage's checkpoint beside its target and swap it in (a kill never leaves half a file)."""
+        path = self.path(stage)
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-        log.info("checkpoint_saved", stage=name, step=payload.get("step"), path=str(path))
+        log.info("checkpoint_saved", stage=stage, step=payload.get("step"), path=str(path))
 
-    def load(self, name: str) -> dict[str, Any] | None:
-        path = self.path(name)
+    def load(self, stage: str) -> dict[str, Any] | None:
+        path = self.path(stage)
         return torch.load(path, weights_only=True) if path.is_file() else None
 
     def write_json(self, name: str, body: dict[str, Any]) -> None:
