@@ -40,6 +40,7 @@ import orjson
 import torch
 from torch import Tensor, nn
 
+from logstream.atomicfile import write_atomic
 from logstream.logkeys import END, FIRST_TEMPLATE, PAD, START, UNKNOWN, KeysError, LogKeys
 from logstream.logs import get_logger
 from logstream.records import Window
@@ -398,9 +399,7 @@ def save_artifact(directory: Path, model: nn.Module, keys: LogKeys, *, top_k: in
                   "intermediate": llama.intermediate_size},
         "keys": {"file": KEYS_FILE, "templates": keys.templates, "drain": asdict(keys.options)},
     }
-    tmp_config = config_path.with_name(config_path.name + ".tmp")
-    tmp_config.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-    tmp_config.replace(config_path)
+    write_atomic(config_path, orjson.dumps(body, option=orjson.OPT_INDENT_2))
 
 
 def read_config(directory: Path) -> dict[str, Any]:
