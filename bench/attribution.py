@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import torch
 
-from logstream.attribution import EVIDENCE_METHODS, Attributor, localize, ranking_evidence
+from logstream.attribution import EVIDENCE_METHODS, Attributor, first_seen_line, localize, ranking_evidence
 from logstream.detectors.logllm import LogLLMDetector
 from logstream.settings import Settings
 from trainer.data import load_split
@@ -67,17 +67,18 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for window in positives:
         capped = model.cap(window.templates)
-        seen_from = window.size - len(capped)
+        seen_from = first_seen_line(window.templates, model.max_messages, model.collapse_repeats)
         vectors = detector._message_vectors(dict.fromkeys(capped))
         began = time.perf_counter()
         [p] = detector._probabilities([capped], vectors)
         own = time.perf_counter() - began
         tagged_lines = {i for i in range(seen_from, window.size) if window.lines[i].label}
+        lines_seen = window.size - seen_from
         distinct = list(dict.fromkeys(capped))
         tagged_messages = {window.lines[i].template for i in tagged_lines}
         row: dict[str, Any] = {
             "distinct": len(distinct), "own_s": own, "p": p,
-            "random_lines": random_lines_hit(len(tagged_lines), len(capped)),
+            "random_lines": random_lines_hit(len(tagged_lines), lines_seen),
             "random_messages": random_lines_hit(len(tagged_messages & set(distinct)), len(distinct)),
         }
         for method, attributor in attributors.items():

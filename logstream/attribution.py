@@ -27,6 +27,7 @@ Shapes: n messages of a window, H the LLM's hidden size, He the encoder's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -117,8 +118,12 @@ class Attributor:
 
     def _occlusion(self, messages: Sequence[str], candidates: Sequence[str], p: float,
                    judge: Judge) -> dict[str, float]:
-        """Log-odds drop when every occurrence of a candidate leaves the window (one row per candidate)."""
+        """Log-odds drop when every occurrence of a candidate leaves the window (one row per candidate).
+
+        A model that sees runs of repeats once (`collapse_repeats`) sees the variant that way too."""
         variants = [[m for m in messages if m != candidate] for candidate in candidates]
+        if getattr(self.model, "collapse_repeats", False):
+            variants = [[m for m, _ in itertools.groupby(variant)] for variant in variants]
         base = log_odds(p)
         return {c: base - log_odds(q) for c, q in zip(candidates, judge(variants))}
 
@@ -198,6 +203,20 @@ def ranking_evidence(attribution: Attribution) -> tuple[dict[str, Any], ...]:
     """
     positive = [(m, c) for m, c in attribution.ranking if c > 0][:MAX_EVIDENCE] or list(attribution.ranking[:1])
     return tuple({"template": m, "contribution": round(c, 4), "method": attribution.method} for m, c in positive)
+
+
+def first_seen_line(templates: Sequence[str], max_messages: int, collapse_repeats: bool) -> int:
+    """Index of the window's first line the model saw: it sees the latest `max_messages` messages, or
+    of runs of repeated messages when it takes each run once (`LogLLM.cap`)."""
+    if not collapse_repeats:
+        return max(0, len(templates) - max_messages)
+    runs = 0
+    for index in range(len(templates) - 1, -1, -1):
+        if index == len(templates) - 1 or templates[index] != templates[index + 1]:
+            runs += 1
+            if runs > max_messages:
+                return index + 1
+    return 0
 
 
 def localize(window: Window, seen_from: int, ranked: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], ...]:

@@ -31,7 +31,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from logstream.attribution import Attributor, EvidenceMethod, localize, log_odds, ranking_evidence
+from logstream.attribution import (
+    Attributor,
+    EvidenceMethod,
+    first_seen_line,
+    localize,
+    log_odds,
+    ranking_evidence,
+)
 from logstream.basemodels import BaseModelError
 from logstream.coverage import TemplateCoverage
 from logstream.detectors.base import DetectorNotReady
@@ -138,7 +145,7 @@ class LogLLMDetector:
                 self.verdicts.put(key, verdict)
         log.debug("logllm_batch", windows=len(windows), judged=len(todo),
                   seconds=round(time.perf_counter() - started, 3))
-        return [self._placed(window, messages, known[key]) for window, messages, key in zip(windows, capped, keys)]
+        return [self._placed(window, known[key]) for window, key in zip(windows, keys)]
 
     def _judge(self, windows: list[list[str]]) -> tuple[list[float], dict[str, Tensor]]:
         """P(anomalous) for windows not seen before, and the encoder vectors of their messages."""
@@ -187,11 +194,12 @@ class LogLLMDetector:
         shift = log_odds(score / 100.0) + log_odds(self.model.threshold)  # inverse of `calibrated_score`
         return 1.0 / (1.0 + math.exp(-shift))
 
-    def _placed(self, window: Window, messages: list[str], verdict: Verdict) -> Verdict:
+    def _placed(self, window: Window, verdict: Verdict) -> Verdict:
         """A cached verdict's ranked messages placed on this window's lines (index, offset, count)."""
         if not verdict.evidence:
             return verdict
-        evidence = localize(window, window.size - len(messages), verdict.evidence)
+        seen_from = first_seen_line(window.templates, self.model.max_messages, self.model.collapse_repeats)
+        evidence = localize(window, seen_from, verdict.evidence)
         return Verdict(anomalous=verdict.anomalous, score=verdict.score, evidence=evidence)
 
     def _message_vectors(self, distinct: dict[str, None]) -> dict[str, Tensor]:

@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from logstream.attribution import MAX_EVIDENCE, REASON, Attribution, localize, log_odds, ranking_evidence
+from logstream.attribution import (
+    MAX_EVIDENCE,
+    REASON,
+    Attribution,
+    first_seen_line,
+    localize,
+    log_odds,
+    ranking_evidence,
+)
 from logstream.records import LogLine, Verdict, Window
 from logstream.tail import format_alert
 from trainer.evidence import EvidenceTally, evidence_markdown, random_hit
@@ -84,3 +92,13 @@ def test_the_alerts_tail_prints_logllm_evidence_with_count_and_contribution() ->
     }
     text = format_alert(alert)
     assert f"! {REASON} (7x, +1.23 occlusion): KERNEL FATAL <*>" in text
+
+
+def test_first_seen_line_follows_the_models_view_of_the_window() -> None:
+    templates = ["a", "a", "b", "c", "c", "c", "d"]
+    assert first_seen_line(templates, 10, collapse_repeats=False) == 0
+    assert first_seen_line(templates, 3, collapse_repeats=False) == 4
+    # runs taken once: the latest 3 runs are b, ccc, d: from line 2
+    assert first_seen_line(templates, 3, collapse_repeats=True) == 2
+    assert first_seen_line(templates, 2, collapse_repeats=True) == 3
+    assert first_seen_line(templates, 4, collapse_repeats=True) == 0
