@@ -364,9 +364,11 @@ class Pipeline:
                 self._submit(state, state.release_idle())
 
     def _submit(self, state: PartitionState, windows: list[Window]) -> None:
+        jobs = []
         for window in windows:
             self.metrics.windows_closed.labels(window.kind, window.close_reason).inc()
-            self.scorer.submit(ScoreJob(window, state.epoch, state.ledger.issue()))
+            jobs.append(ScoreJob(window, state.epoch, state.ledger.issue()))
+        self.scorer.submit_many(jobs)  # one lock, at most one wake-up of the scorer
 
     def _collect_results(self) -> None:
         for result in self.scorer.take_results():
