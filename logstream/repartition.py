@@ -104,14 +104,14 @@ class Repartitioner:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
         self.consumer = Consumer(consumer_config(s))
-        self.policy.start(self.consumer)
-        self.consumer.subscribe(list(s.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
-        self._assignment = AssignmentWatch(s.input_topic, s.effective_assignment_timeout_s)
-        log.info("repartition_started", source=s.input_topic, target=self.target, partitions=self.partitions,
-                 guarantee=s.guarantee)
         clean = False
         try:
+            self.policy.start(self.consumer)  # exactly-once: a fenced or broken producer is fatal (exit 2)
+            self.consumer.subscribe(list(s.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
+            self._assignment = AssignmentWatch(s.input_topic, s.effective_assignment_timeout_s)
+            log.info("repartition_started", source=s.input_topic, target=self.target, partitions=self.partitions,
+                     guarantee=s.guarantee)
             while not self.stop_event.is_set():
                 self._fatal.raise_if_set()
                 messages = self.consumer.consume(CONSUME_BATCH, 0.1)
