@@ -29,6 +29,12 @@ LogLLMEvidence = Literal["occlusion", "gradient", "attention", "mixed", "off"]  
 # block whole, as the LogLLM paper does (all lines of a block form one session).
 HDFS_SESSION_GAP_S = 86_400.0
 DEFAULT_SESSION_GAP_S = 300.0
+# Window defaults, the one place they are written: the fields below and the engines in logstream.windows use them.
+WINDOW_SIZE = 100
+SESSION_GRACE_S = 30.0
+SESSION_MAX_LINES = 1000
+SESSION_MAX_OPEN = 100_000
+FUTURE_CONFIRM_LINES = 3
 
 
 def default_cache_dir() -> Path:
@@ -95,16 +101,18 @@ class Settings(BaseSettings):
 
     # --- Windowing ----------------------------------------------------------------------------
     window: WindowKind = Field("count", description="count windows or session windows keyed by block id")
-    window_size: int = Field(100, ge=1, description="lines per count window")
+    window_size: int = Field(WINDOW_SIZE, ge=1, description="lines per count window")
     window_stride: int | None = Field(None, ge=1, description="lines between count window starts (default: size)")
     session_gap: float | None = Field(
         None, gt=0,
         description="seconds of event-time inactivity that close a session (default: 86400 for hdfs, whose "
         "blocks stay quiet for hours between lines; 300 otherwise)",
     )
-    session_grace: float = Field(30.0, ge=0, description="extra event-time seconds allowed for late lines")
-    session_max_lines: int = Field(1000, ge=1, description="a session reaching this many lines closes")
-    session_max_open: int = Field(100_000, ge=1, description="open sessions per partition; the oldest closes first")
+    session_grace: float = Field(SESSION_GRACE_S, ge=0, description="extra event-time seconds allowed for late lines")
+    session_max_lines: int = Field(SESSION_MAX_LINES, ge=1, description="a session reaching this many lines closes")
+    session_max_open: int = Field(
+        SESSION_MAX_OPEN, ge=1, description="open sessions per partition; the oldest closes first"
+    )
     window_idle_s: float = Field(
         300.0, ge=0,
         description="close the open count windows of a partition after this many seconds without a new line "
@@ -124,7 +132,7 @@ class Settings(BaseSettings):
         "the stream's time as its event time)",
     )
     future_confirm_lines: int = Field(
-        3, ge=2,
+        FUTURE_CONFIRM_LINES, ge=2,
         description="this many consecutive lines past --max-future-s are a genuine jump of the stream (a gap in a "
         "backfill), not a wrong clock: the last of them is accepted and moves stream time",
     )

@@ -41,6 +41,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from logstream.records import CloseReason, LogLine, Window
+from logstream.settings import (
+    DEFAULT_SESSION_GAP_S,
+    FUTURE_CONFIRM_LINES,
+    SESSION_GRACE_S,
+    SESSION_MAX_LINES,
+    SESSION_MAX_OPEN,
+    WINDOW_SIZE,
+)
 
 if TYPE_CHECKING:
     from logstream.settings import Settings
@@ -91,7 +99,8 @@ class EventTimeBound:
 
     __slots__ = ("max_future", "policy", "confirm", "stream_time", "stream_record_time", "run")
 
-    def __init__(self, max_future: float, policy: FuturePolicy = "dead-letter", confirm: int = 3) -> None:
+    def __init__(self, max_future: float, policy: FuturePolicy = "dead-letter",
+                 confirm: int = FUTURE_CONFIRM_LINES) -> None:
         if max_future <= 0:
             raise ValueError(f"max_future must be positive, got {max_future}")
         if confirm < 2:
@@ -179,7 +188,7 @@ class Windower(Protocol):
 class CountWindower:
     """Windows of `size` lines starting every `stride` lines; quiet partitions can be cut (`cut()`)."""
 
-    def __init__(self, topic: str, partition: int, size: int = 100, stride: int | None = None) -> None:
+    def __init__(self, topic: str, partition: int, size: int = WINDOW_SIZE, stride: int | None = None) -> None:
         stride = stride or size
         if not 1 <= stride <= size:
             raise ValueError(f"stride must be in 1..size ({size}), got {stride}")
@@ -300,10 +309,10 @@ class SessionWindower:
         self,
         topic: str,
         partition: int,
-        gap: float = 300.0,
-        grace: float = 30.0,
-        max_lines: int = 1000,
-        max_open: int = 100_000,
+        gap: float = DEFAULT_SESSION_GAP_S,
+        grace: float = SESSION_GRACE_S,
+        max_lines: int = SESSION_MAX_LINES,
+        max_open: int = SESSION_MAX_OPEN,
         bound: EventTimeBound | None = None,
     ) -> None:
         self.topic, self.partition = topic, partition
@@ -498,15 +507,15 @@ def make_windower(
     topic: str,
     partition: int,
     *,
-    size: int = 100,
+    size: int = WINDOW_SIZE,
     stride: int | None = None,
-    gap: float = 300.0,
-    grace: float = 30.0,
-    max_lines: int = 1000,
-    max_open: int = 100_000,
+    gap: float = DEFAULT_SESSION_GAP_S,
+    grace: float = SESSION_GRACE_S,
+    max_lines: int = SESSION_MAX_LINES,
+    max_open: int = SESSION_MAX_OPEN,
     max_future: float | None = None,
     future_policy: FuturePolicy = "dead-letter",
-    future_confirm: int = 3,
+    future_confirm: int = FUTURE_CONFIRM_LINES,
 ) -> Windower:
     """The engine for one partition, by window kind (`max_future`: seconds, session windows; None: no bound)."""
     if kind == "count":
