@@ -99,6 +99,16 @@ def test_each_epoch_visits_every_sample_once_in_an_order_fixed_by_seed_stage_and
     assert [len(b) for b in plan.micro_batches(6, stream_size, 7, 3, 2)] == [1]  # the epoch's short tail
 
 
+def test_freeze_encoder_keeps_bert_frozen_in_every_stage_and_nothing_else_changes() -> None:
+    paper, frozen = config(), config(freeze_encoder=True)
+    assert paper.trains("3") == {"projector": True, "embedder_lora": True, "llm_lora": True}
+    assert frozen.trains("3") == {"projector": True, "embedder_lora": False, "llm_lora": True}
+    for stage in STAGES:
+        assert not frozen.trains(stage)["embedder_lora"]
+        assert {k: v for k, v in frozen.trains(stage).items() if k != "embedder_lora"} == \
+            {k: v for k, v in paper.trains(stage).items() if k != "embedder_lora"}
+
+
 def test_stage_one_takes_at_most_its_sample_budget_per_epoch() -> None:
     plan = Plan.make("1", config(stage1_samples=1000, epochs={"1": 1, "2-1": 1, "2-2": 1, "3": 5}), 5000)
     assert (plan.samples, plan.epochs, plan.micro_per_epoch, plan.total_steps) == (1000, 1, 250, 63)
@@ -143,3 +153,15 @@ def test_length_pools_put_similar_windows_together_and_still_visit_each_once() -
     plain = sum(max(lengths[i] for i in shuffled[j : j + 4]) - min(lengths[i] for i in shuffled[j : j + 4])
                 for j in range(0, 200, 4)) / 50
     assert spread < plain / 4  # padding within a micro-batch is a fraction of a random batch's
+
+
+def test_freeze_encoder_refuses_stage_2_2_before_anything_loads(tmp_path) -> None:
+    from logstream.settings import Settings
+    from trainer.cli import build_parser
+    from trainer.fit_logllm import fit
+
+    args = build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
+                                      "--output", str(tmp_path / "out"), "--freeze-encoder"])
+    with pytest.raises(FitError, match="stage 2-2"):
+        fit(args, Settings())
+    assert not (tmp_path / "out").exists()
