@@ -58,7 +58,7 @@ class ForwardCounter:
 
 
 def test_normal_windows_cost_no_extra_forward_pass(shipped: LogLLMDetector) -> None:
-    windows = file_windows(SAMPLES / "BGL_2k.log", "bgl", size=20)
+    windows = file_windows(SAMPLES / "BGL_2k.log", "bgl", size=20)[:20]  # 10 of them alert-tagged: both verdicts
     normal = [w for w in twin(shipped, None).score(windows) if not w.anomalous]
     assert normal, "the sample has windows the model calls normal"
     method = shipped.attributor.method if shipped.attributor else "occlusion"
