@@ -45,7 +45,9 @@ CPU levers (bench/RESULTS.md has their measured effect): `--llm-layers N` keeps 
 decoder layers (stored in the artifact; the consumer loads the same shallow model), `--bf16`
 runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/AVX512-BF16),
 `--collapse-repeats` gives a run of identical consecutive messages to the LLM once (a shorter
-prompt), `--threads`. The paper's recipe stays: all layers, and on CUDA 4-bit NF4 + bf16 + checkpointing.
+prompt; it also hides how often a message repeats, which HDFS sessions are judged by),
+`--freeze-encoder` keeps BERT frozen in every stage, so stage 3 (projector + LLM LoRA) reads the
+vectors encoded once per run and costs what stage 2-1 costs, `--threads`. The paper's recipe stays: all layers, and on CUDA 4-bit NF4 + bf16 + checkpointing.
 
 Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
 in eval mode, before and after it (`probe_before`, `probe_after` in the summary), besides the mean
