@@ -40,11 +40,13 @@ def bgl_windows(size: int = 8) -> tuple[list[Window], list[Window]]:
     return [w for w in windows if w.label], [w for w in windows if not w.label]
 
 
-def train_tiny_artifact(directory: Path, cache_dir: Path, *, seed: int = 0, max_steps: int = 40) -> Path:
+def train_tiny_artifact(directory: Path, cache_dir: Path, *, seed: int = 0, max_steps: int = 60) -> Path:
     """Teach the embedded models the answer template on 8+8 real windows; save the artifact.
 
-    Stops once the loss of the last four steps averages under 0.1 (about 15 steps, ~1 s each on two
-    idle cores): the model then answers in the template and its verdicts follow the training labels.
+    Stops once the loss of the last four steps averages under 0.03, or after `max_steps` (~1 s each on
+    an idle core). The loss is a mean over the answer's tokens, of which one decides: at 0.1 that
+    token can still be near a coin toss. Below 0.03 the model answers in the template and its
+    verdicts follow the training labels.
     """
     anomalous, normal = bgl_windows()
     train = anomalous[:8] + normal[:8]
@@ -64,7 +66,7 @@ def train_tiny_artifact(directory: Path, cache_dir: Path, *, seed: int = 0, max_
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        if len(losses) >= 8 and sum(losses[-4:]) / 4 < 0.1:
+        if len(losses) >= 8 and sum(losses[-4:]) / 4 < 0.03:
             break
     model.eval()
     model.save_pretrained(directory)
