@@ -48,8 +48,7 @@ runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/
 prompt; it also hides how often a message repeats, which HDFS sessions are judged by),
 `--freeze-encoder` keeps BERT frozen in every stage, so stage 3 (projector + LLM LoRA) reads the
 vectors encoded once per run and costs what stage 2-1 costs, `--threads`. The paper's recipe stays:
-all layers, BERT's LoRA trained
-in stages 2-2 and 3, and on CUDA 4-bit NF4 + bf16 + checkpointing.
+all layers, BERT's LoRA trained in stages 2-2 and 3, and on CUDA 4-bit NF4 + bf16 + checkpointing.
 
 Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
 in eval mode, before and after it (`probe_before`, `probe_after` in the summary), besides the mean
