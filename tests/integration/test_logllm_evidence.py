@@ -108,10 +108,8 @@ def test_a_cached_verdict_names_the_lines_of_the_window_it_is_given(shipped: Log
 def test_demo_sample_alerts_lead_with_alert_tagged_lines(bootstrap: str, shipped: LogLLMDetector,
                                                         model_cache_dir: Path) -> None:
     """Through the pipeline: every anomalous alert names lines, leads its samples with them, fits the schema;
-    the first evidence line of true-positive alerts is alert-tagged (BGL first field != '-') in at least half.
-
-    Not "most": a small model's own cue (e.g. corrected-memory-error lines) can lead instead, and the
-    evidence is faithful to the model (bench/RESULTS.md: evidence for LogLLM verdicts)."""
+    the first evidence line of true-positive alerts is alert-tagged (BGL first field != '-') in most of them
+    (more than half; bench/RESULTS.md: evidence for LogLLM verdicts)."""
     raw = (SAMPLES / "BGL_2k.log").read_bytes().splitlines()
     topic = unique("evidence")
     create_topic(bootstrap, topic)
@@ -133,4 +131,4 @@ def test_demo_sample_alerts_lead_with_alert_tagged_lines(bootstrap: str, shipped
         if any(tagged[source["first_offset"]:source["last_offset"] + 1]):
             true_positive.append(tagged[evidence[0]["offset"]])
     assert true_positive, "some alerts are true positives"
-    assert sum(true_positive) >= len(true_positive) / 2, true_positive
+    assert sum(true_positive) > len(true_positive) / 2, true_positive
