@@ -14,6 +14,7 @@ any moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
 import time
 import uuid
@@ -66,7 +67,13 @@ class FitRun(Protocol[Data]):
 def fit_skeleton(trainer: FitRun[Data], stages: Sequence[str], output: Path,
                  evaluate: Callable[[Data], dict[str, Any] | None] | None) -> dict[str, Any]:
     """prepare -> stages -> finish -> evaluate -> summary (`OUTPUT/fit-summary.json`, written when
-    `evaluate` is given: the main process of a distributed run)."""
+    `evaluate` is given: the main process of a distributed run).
+
+    The summary's `train_seconds` covers the stages and the artifact of this invocation (a resumed
+    run counts only what it did), `wall_seconds` the whole of it from reading the data to the
+    evaluation, and `peak_rss_mb` this process's peak resident memory in MiB (`getrusage`).
+    """
+    began = time.perf_counter()
     data = trainer.prepare()
     started = time.perf_counter()
     trainer.run(stages, data)
@@ -74,8 +81,17 @@ def fit_skeleton(trainer: FitRun[Data], stages: Sequence[str], output: Path,
     trainer.summary["train_seconds"] = round(time.perf_counter() - started, 1)
     if evaluate is not None:
         trainer.summary["evaluation"] = evaluate(data)
+    trainer.summary["wall_seconds"] = round(time.perf_counter() - began, 1)
+    trainer.summary["peak_rss_mb"] = peak_rss_mb()
+    if evaluate is not None:
         write_atomic(output / SUMMARY_FILE, orjson.dumps(trainer.summary, option=orjson.OPT_INDENT_2))
     return trainer.summary
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 class RunError(ValueError):

@@ -40,6 +40,7 @@ def test_the_skeleton_prepares_runs_the_stages_finishes_evaluates_and_writes_the
     summary = fit_skeleton(trainer, ["1", "2"], tmp_path, evaluate)
     assert trainer.calls == ["prepare", "run 1,2 on data", "finish data", "evaluate data"]
     assert summary["evaluation"] == {"f1": 1.0} and summary["train_seconds"] >= 0
+    assert summary["wall_seconds"] >= summary["train_seconds"] and summary["peak_rss_mb"] > 10
     assert orjson.loads((tmp_path / SUMMARY_FILE).read_bytes()) == summary
 
 
