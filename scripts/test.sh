@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
 # Two worker processes (pytest-xdist), each test file whole on one of them (its module fixtures, e.g. a
 # model loaded once, stay in one process); each worker starts its own embedded broker on a free port.
-# Most integration tests wait on the broker or a subprocess, so two workers halve the wall time on two
+# Most integration tests wait on the broker or a subprocess, so two workers cut the wall time on two
 # cores. LOGSTREAM_TEST_WORKERS=0 runs everything in this process (e.g. under a debugger). One torch
 # thread per process unless OMP_NUM_THREADS says otherwise: two workers with two threads each on two
 # cores oversubscribe them.
