@@ -229,3 +229,19 @@ def test_two_processes_under_torchrun_train_what_one_process_trains(tmp_path: Pa
     two_weights, one_weights = (load_file(tmp_path / name / "projector.safetensors") for name in ("two", "one"))
     assert all(torch.allclose(two_weights[k], one_weights[k], atol=1e-5) for k in one_weights)
     assert two["stages"]["2-1"]["probe_after"] == pytest.approx(one["stages"]["2-1"]["probe_after"], abs=1e-4)
+
+
+def test_freeze_encoder_trains_stage_three_on_vectors_encoded_once(tmp_path: Path, model_cache_dir: Path) -> None:
+    """--freeze-encoder: BERT's LoRA never moves (its B matrices stay at their zero init), the LLM's LoRA
+    and the projector learn, and every distinct message is encoded once for the whole run."""
+    summary, logged = run_fit(tmp_path / "frozen", model_cache_dir, "--freeze-encoder", "--stages", "1,3",
+                              "--epochs-stage3", "1", "--no-evaluate")
+    assert list(summary["stages"]) == ["1", "3"]
+    assert summary["stages"]["3"]["probe_after"] < summary["stages"]["1"]["probe_before"]
+    assert [e["event"] for e in logged].count("messages_encoded") == 1
+    weights = checkpoint(tmp_path / "frozen", "3")["weights"]
+    embedder_b = [v for k, v in weights.items() if "lora_B" in k and k.startswith("embedder")]
+    llm_b = [v for k, v in weights.items() if "lora_B" in k and k.startswith("llm")]
+    assert embedder_b and llm_b
+    assert all(not v.any() for v in embedder_b)
+    assert any(v.any() for v in llm_b)
