@@ -106,6 +106,7 @@ from trainer.training import (
     RunError,
     RunStore,
     Stage,
+    config_defaults,
     fit_skeleton,
     mean,
     progress_bar,
@@ -360,7 +361,8 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.world = world if world is not None else World()
         self.store = RunStore(output / CHECKPOINTS, FitError)
-        self.run_id = self.world.on_main(lambda: self.store.begin(asdict(config), resume=resume))
+        self.run_id = self.world.on_main(
+            lambda: self.store.begin(asdict(config), resume=resume, defaults=config_defaults(FitConfig)))
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
         self.model: LogLLM | None = None
         self.coverage: TrainingCoverage | None = None  # set by prepare(), written into the artifact

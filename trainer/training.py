@@ -14,6 +14,7 @@ any moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import sys
 import time
@@ -94,6 +95,11 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+def config_defaults(config_type: type) -> dict[str, Any]:
+    """The default of every field of a run-config dataclass that has one (see `RunStore.begin`)."""
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
 class RunError(ValueError):
     """A training run cannot start or continue as asked; the message says why (the commands exit 2)."""
 
@@ -105,15 +111,20 @@ class RunStore:
         self.directory = directory
         self.error = error  # the command's own subclass, so its callers catch one type
 
-    def begin(self, config: dict[str, Any], *, resume: bool) -> str:
-        """The run id: a new run (refused over an existing one without --resume) or the resumed one."""
+    def begin(self, config: dict[str, Any], *, resume: bool, defaults: Mapping[str, Any] | None = None) -> str:
+        """The run id: a new run (refused over an existing one without --resume) or the resumed one.
+
+        `defaults`: values of settings added after a run may have started (`config_defaults`); a saved
+        run.json without such a setting ran with its default, so a resume with the default matches it.
+        """
         path = self.directory / RUN_FILE
         if path.is_file():
             saved = orjson.loads(path.read_bytes())
             if not resume:
                 raise self.error(f"{self.directory.parent} holds a training run already; pass --resume to continue "
                                  "it, or choose another --output")
-            differ = sorted(k for k in set(config) | set(saved["config"]) if config.get(k) != saved["config"].get(k))
+            before = {**(defaults or {}), **saved["config"]}
+            differ = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
             if differ:
                 raise self.error("--resume with other settings than the run in "
                                  f"{self.directory.parent}: {', '.join(differ)} differ")

@@ -65,3 +65,20 @@ def test_each_stage_table_names_its_stages_once_with_positive_defaults(table: tu
     names = [stage.name for stage in table]
     assert len(set(names)) == len(names)
     assert all(stage.lr > 0 and stage.epochs >= 1 and stage.mode and any(stage.trains.values()) for stage in table)
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    from trainer.fit_logllm import FitConfig
+    from trainer.training import config_defaults
+
+    store = RunStore(tmp_path / "checkpoints")
+    old = {"dataset": "bgl", "seed": 1}  # run.json of a run older than freeze_encoder, bf16, ...
+    run_id = store.begin(old, resume=False)
+    defaults = config_defaults(FitConfig)
+    assert defaults["freeze_encoder"] is False and "dataset" not in defaults  # required fields have none
+    now = {**defaults, **old}  # today's full config, every newer setting at its default
+    assert store.begin(now, resume=True, defaults=defaults) == run_id
+    with pytest.raises(RunError, match=": freeze_encoder differ"):
+        store.begin({**now, "freeze_encoder": True}, resume=True, defaults=defaults)
+    with pytest.raises(RunError, match="freeze_encoder"):
+        store.begin(now, resume=True)  # without the defaults a missing setting is a difference
