@@ -47,7 +47,7 @@ runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/
 `--collapse-repeats` gives a run of identical consecutive messages to the LLM once (a shorter
 prompt; it also hides how often a message repeats, which HDFS sessions are judged by),
 `--freeze-encoder` keeps BERT frozen in every stage, so stage 3 (projector + LLM LoRA) reads the
-vectors encoded once per run and costs what stage 2-1 costs, `--threads`. The paper's recipe stays:
+vectors encoded once per run (about 1.5x cheaper an epoch; stage 2-2 is left out), `--threads`. The paper's recipe stays:
 all layers, BERT's LoRA trained in stages 2-2 and 3, and on CUDA 4-bit NF4 + bf16 + checkpointing.
 
 Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
@@ -749,8 +749,9 @@ def add_parser(subparsers: Any) -> None:
                       help="share of the train split held out to pick the stage and the threshold (0: none; "
                            "the threshold then falls back to 0.5)")
     train = parser.add_argument_group("training")
-    train.add_argument("--stages", default="1,2,3",
-                       help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated")
+    train.add_argument("--stages", default=None,
+                       help="stages to run: 1, 2 (= 2-1,2-2), 2-1, 2-2, 3, comma-separated (default 1,2,3; "
+                            "1,2-1,3 with --freeze-encoder)")
     train.add_argument("--stage1-samples", type=int, default=1000,
                        help="distinct training windows per stage-1 epoch (at most)")
     for stage, epochs in DEFAULT_EPOCHS.items():
@@ -780,8 +781,8 @@ def add_parser(subparsers: Any) -> None:
                             "prompt: ~4x on BGL windows); stored in the artifact, the consumer does the same")
     train.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="keep BERT frozen in every stage (stage 3 trains the projector and the LLM's LoRA on "
-                            "message vectors encoded once per run: ~2x cheaper a stage-3 epoch on CPU); stage 2-2, "
-                            "which trains only the projector and BERT, is refused with it")
+                            "message vectors encoded once per run: a stage-3 epoch ~1.5x cheaper on CPU); stage 2-2, "
+                            "which trains only the projector and BERT, is left out (refused if named in --stages)")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                        help="bfloat16 autocast for training on CPU (needs native bf16: AMX or AVX512-BF16); "
                             "on CUDA the LLM computes in bf16 anyway")
@@ -840,13 +841,13 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
 def fit(args: argparse.Namespace, settings: Settings, world: World | None = None) -> dict[str, Any]:
     """Run the stages asked for (skipping those already done in a resumed run), then evaluate (rank 0)."""
     world = world if world is not None else World.from_env()
-    stages = parse_stages(args.stages)
+    stages = parse_stages(args.stages or ("1,2-1,3" if args.freeze_encoder else "1,2,3"))
     if world.distributed:  # one GPU per process; every process trains the same run
         settings = settings.model_copy(update={"device": world.device(settings.device)})
     config = config_from(args, settings)
     if config.freeze_encoder and "2-2" in stages:
         raise FitError("--freeze-encoder keeps BERT frozen, and stage 2-2 trains only the projector and BERT: "
-                       "leave it out (e.g. --stages 1,2-1,3)")
+                       "leave it out of --stages (e.g. 1,2-1,3, the default with --freeze-encoder)")
     world.start(pick_device(settings.device))
     try:
         with torch_threads(args.threads):

@@ -155,13 +155,17 @@ def test_length_pools_put_similar_windows_together_and_still_visit_each_once() -
     assert spread < plain / 4  # padding within a micro-batch is a fraction of a random batch's
 
 
-def test_freeze_encoder_refuses_stage_2_2_before_anything_loads(tmp_path) -> None:
+def test_freeze_encoder_leaves_stage_2_2_out_and_refuses_it_when_named(tmp_path) -> None:
     from logstream.settings import Settings
     from trainer.cli import build_parser
     from trainer.fit_logllm import fit
 
-    args = build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
-                                      "--output", str(tmp_path / "out"), "--freeze-encoder"])
+    def args(output: str, *extra: str):
+        return build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
+                                          "--output", str(tmp_path / output), "--freeze-encoder", *extra])
+
     with pytest.raises(FitError, match="stage 2-2"):
-        fit(args, Settings())
-    assert not (tmp_path / "out").exists()
+        fit(args("named", "--stages", "1,2,3"), Settings())
+    assert not (tmp_path / "named").exists()  # refused before anything is written
+    with pytest.raises(FileNotFoundError, match="none.log"):  # the default stages pass: it goes on to the data
+        fit(args("default"), Settings())
