@@ -47,7 +47,7 @@ runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/
 `--collapse-repeats` gives a run of identical consecutive messages to the LLM once (a shorter
 prompt; it also hides how often a message repeats, which HDFS sessions are judged by),
 `--freeze-encoder` keeps BERT frozen in every stage, so stage 3 (projector + LLM LoRA) reads the
-vectors encoded once per run (about 1.5x cheaper an epoch; stage 2-2 is left out), `--threads`. The paper's recipe stays:
+vectors encoded once per run (~1.5x cheaper an epoch; stage 2-2 left out), `--threads`. The paper's recipe stays:
 all layers, BERT's LoRA trained in stages 2-2 and 3, and on CUDA 4-bit NF4 + bf16 + checkpointing.
 
 Loss falls? Each stage measures the loss on a fixed set of `--probe-windows` (16) training windows,
