@@ -68,6 +68,8 @@ def train_tiny_artifact(directory: Path, cache_dir: Path, *, seed: int = 0, max_
         losses.append(loss.item())
         if len(losses) >= 8 and sum(losses[-4:]) / 4 < 0.03:
             break
+    recent = sum(losses[-4:]) / 4
+    assert recent < 0.1, f"the tiny LogLLM did not learn the answer template in {len(losses)} steps (loss {recent:.3f})"
     model.eval()
     model.save_pretrained(directory)
     log.info("tiny_logllm_trained", steps=len(losses), last_loss=round(losses[-1], 4),
