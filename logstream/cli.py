@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample to stream: BGL (count windows) or HDFS (block sessions, judged at the end)")
     demo.add_argument("--model", type=Path, default=None,
                       help="your own model for that dataset instead (`logstream-train fit` / `fit-logllama` artifact)")
-    demo.add_argument("--lines", type=int, default=2000, help="lines of the sample to stream")
+    demo.add_argument("--lines", type=int, default=None, help="lines of the sample to stream (default: all of it)")
     demo.add_argument("--keep-broker", action="store_true", help="leave the broker running after the demo")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,14 @@ def test_the_demo_serves_the_shipped_logllm_artifact_and_prints_its_alerts() -> 
 
 
 def test_the_hdfs_demo_judges_block_sessions_with_the_shipped_hdfs_artifact() -> None:
-    done = demo("--dataset", "hdfs", "--lines", "300")
+    """Whole sessions of blocks the artifact never trained on: it must tell them apart, not flag them all."""
+    done = demo("--dataset", "hdfs")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "detector: logllm, dataset: hdfs" in done.stderr
-    assert "block sessions" in done.stderr and "labelled Anomaly" in done.stderr
-    assert "Against these labels: precision" in done.stderr
+    assert "The sample holds 100 block sessions, 27 labelled Anomaly" in done.stderr
+    found = re.search(r"Against these labels: precision ([0-9]+\.[0-9]+), recall ([0-9]+\.[0-9]+)", done.stderr)
+    assert found, done.stderr[-3000:]
+    assert float(found.group(1)) > 0.5 and float(found.group(2)) > 0.5, found.group(0)
 
 
 def test_the_demo_refuses_a_model_it_cannot_load_before_starting_anything() -> None:
