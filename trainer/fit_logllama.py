@@ -63,7 +63,6 @@ from trainer.training import (
     RunError,
     RunStore,
     Stage,
-    config_defaults,
     fit_skeleton,
     mean,
     progress_bar,
@@ -235,7 +234,7 @@ class Trainer:
         self.cache_dir = cache_dir
         self.checkpoint_every = checkpoint_every
         self.store = CheckpointStore(output / CHECKPOINTS)
-        self.run_id = self.store.begin(asdict(config), resume=resume, defaults=config_defaults(type(config)))
+        self.run_id = self.store.begin(config, resume=resume)
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
 
     # --- data ---------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,6 @@ from trainer.training import (
     RunError,
     RunStore,
     Stage,
-    config_defaults,
     fit_skeleton,
     mean,
     progress_bar,
@@ -361,8 +360,7 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.world = world if world is not None else World()
         self.store = RunStore(output / CHECKPOINTS, FitError)
-        self.run_id = self.world.on_main(
-            lambda: self.store.begin(asdict(config), resume=resume, defaults=config_defaults(FitConfig)))
+        self.run_id = self.world.on_main(lambda: self.store.begin(config, resume=resume))
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
         self.model: LogLLM | None = None
         self.coverage: TrainingCoverage | None = None  # set by prepare(), written into the artifact

@@ -95,11 +95,6 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def config_defaults(config_type: type) -> dict[str, Any]:
-    """The default of every field of a run-config dataclass that has one (see `RunStore.begin`)."""
-    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
-
-
 class RunError(ValueError):
     """A training run cannot start or continue as asked; the message says why (the commands exit 2)."""
 
@@ -111,19 +106,23 @@ class RunStore:
         self.directory = directory
         self.error = error  # the command's own subclass, so its callers catch one type
 
-    def begin(self, config: dict[str, Any], *, resume: bool, defaults: Mapping[str, Any] | None = None) -> str:
+    def begin(self, run_config: Any, *, resume: bool) -> str:
         """The run id: a new run (refused over an existing one without --resume) or the resumed one.
 
-        `defaults`: values of settings added after a run may have started (`config_defaults`); a saved
-        run.json without such a setting ran with its default, so a resume with the default matches it.
+        `run_config` is the command's config dataclass; run.json keeps its fields. A saved run.json
+        without a field that has a default (a setting added after that run started) ran with that
+        default, so a resume with the default matches it.
         """
+        config = dataclasses.asdict(run_config)
         path = self.directory / RUN_FILE
         if path.is_file():
             saved = orjson.loads(path.read_bytes())
             if not resume:
                 raise self.error(f"{self.directory.parent} holds a training run already; pass --resume to continue "
                                  "it, or choose another --output")
-            before = {**(defaults or {}), **saved["config"]}
+            defaults = {f.name: f.default for f in dataclasses.fields(run_config)
+                        if f.default is not dataclasses.MISSING}
+            before = {**defaults, **saved["config"]}
             differ = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
             if differ:
                 raise self.error("--resume with other settings than the run in "

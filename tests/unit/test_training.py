@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,23 @@ def test_each_stage_table_names_its_stages_once_with_positive_defaults(table: tu
 
 def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
     from trainer.fit_logllm import FitConfig
-    from trainer.training import config_defaults
+    from trainer.training import RUN_FILE
 
+    config = FitConfig(dataset="bgl", logs="x", labels=None, seed=1, train_fraction=0.8, max_windows=None,
+                       window={}, embedder=None, llm=None, max_messages=128, load_in_4bit=False,
+                       gradient_checkpointing=False, beta=0.3, micro_batch=4, grad_accum=4, lr={}, epochs={},
+                       stage1_samples=1000, lr_gamma=0.7, lr_decay_every=None, probe_windows=16)
     store = RunStore(tmp_path / "checkpoints")
-    old = {"dataset": "bgl", "seed": 1}  # run.json of a run older than freeze_encoder, bf16, ...
-    run_id = store.begin(old, resume=False)
-    defaults = config_defaults(FitConfig)
-    assert defaults["freeze_encoder"] is False and "dataset" not in defaults  # required fields have none
-    now = {**defaults, **old}  # today's full config, every newer setting at its default
-    assert store.begin(now, resume=True, defaults=defaults) == run_id
+    run_id = store.begin(config, resume=False)
+    run_file = tmp_path / "checkpoints" / RUN_FILE
+    saved = orjson.loads(run_file.read_bytes())
+    for newer in ("freeze_encoder", "collapse_repeats", "bf16"):  # run.json of a run older than these settings
+        del saved["config"][newer]
+    run_file.write_bytes(orjson.dumps(saved))
+    assert store.begin(config, resume=True) == run_id  # every newer setting at its default
     with pytest.raises(RunError, match=": freeze_encoder differ"):
-        store.begin({**now, "freeze_encoder": True}, resume=True, defaults=defaults)
-    with pytest.raises(RunError, match="freeze_encoder"):
-        store.begin(now, resume=True)  # without the defaults a missing setting is a difference
+        store.begin(dataclasses.replace(config, freeze_encoder=True), resume=True)
+    del saved["config"]["logs"]  # a field without a default missing from run.json is still a difference
+    run_file.write_bytes(orjson.dumps(saved))
+    with pytest.raises(RunError, match=": logs differ"):
+        store.begin(config, resume=True)
