@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
+import itertools
 import sys
 import threading
 import time
@@ -55,17 +56,15 @@ DATASETS = {
 }
 
 
-def _bgl_truth(lines: int | None) -> tuple[int, set[str]]:
+def _bgl_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]:
     """Windows of the first `lines` BGL sample lines, and the ids of those holding an alert-tagged line.
 
     The demo's raw topic is fresh and has one partition, so line i of the sample is offset i and the
     100-line window k starts at offset 100 k; a window is identified by its first offset.
     """
     windows, anomalous = 0, set()
-    with sample_path("BGL_2k.log").open("rb") as handle:
-        for number, raw in enumerate(handle):
-            if lines is not None and number >= lines:
-                break
+    with sample_path(dataset.sample).open("rb") as handle:
+        for number, raw in enumerate(itertools.islice(handle, lines)):  # lines None: the whole sample
             windows = number // 100 + 1
             if not raw.startswith(b"- "):
                 anomalous.add(str(number // 100 * 100))
@@ -82,9 +81,7 @@ def _hdfs_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]
                 labels[row[0]] = row[1] == "Anomaly"
     blocks: set[str] = set()
     with sample_path(dataset.sample).open(encoding="utf-8", errors="replace") as handle:
-        for number, text in enumerate(handle):
-            if lines is not None and number >= lines:
-                break
+        for text in itertools.islice(handle, lines):
             blocks.update(block for block in block_ids(text) if block in labels)
     return len(blocks), {block for block in blocks if labels[block]}
 
@@ -92,7 +89,7 @@ def _hdfs_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]
 def _summary(dataset: DemoDataset, lines: int | None, alerted: list[str], seen: int, seconds: float) -> str:
     """The closing line: alerts against the sample's own labels, with precision and recall."""
     if dataset.name == "bgl":
-        windows, anomalous = _bgl_truth(lines)
+        windows, anomalous = _bgl_truth(dataset, lines)
         unit, marked, holds = "windows", "with an alert-tagged line", "windows of 100 lines"
         kind = "with an alert-tagged (anomalous) line"
     else:
