@@ -70,6 +70,11 @@ log = get_logger(__name__)
 
 CONSUME_BATCH = 500
 REBALANCE_DRAIN_S = 10.0
+# How long the poll loop lets the scorer work through a burst before pausing its partitions. One
+# consume batch can close hundreds of sessions at once (stream time jumps past many deadlines); a
+# scorer that catches up within this costs no pause, while a pause empties the consumer's fetch queue
+# and its resume waits for a new fetch (~0.5 s on the embedded broker).
+PAUSE_GRACE_S = 0.2
 
 
 class Pipeline:
@@ -387,6 +392,9 @@ class Pipeline:
         in_flight = self._in_flight()
         self.metrics.queue_depth.set(in_flight)
         limit = self.settings.queue_max_windows
+        if not self._paused and in_flight >= limit and self.scorer.wait_below(limit, PAUSE_GRACE_S):
+            self._collect_results()  # the scorer worked through the burst: no pause
+            in_flight = self._in_flight()
         if not self._paused and in_flight >= limit:
             self._pause_all()
             log.info("backpressure_pause", in_flight=in_flight, limit=limit)

@@ -107,6 +107,20 @@ class ScoringWorker:
         with self._cond:
             return len(self._queue) + self._scoring + len(self._results)
 
+    def wait_below(self, limit: int, timeout: float) -> bool:
+        """Block until fewer than `limit` jobs are queued or being scored (at most `timeout` seconds).
+
+        Results waiting to be collected do not count: the caller collects them next. Returns whether
+        the queue got below `limit` in time."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._queue) + self._scoring >= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     @property
     def queued(self) -> int:
         with self._cond:

@@ -92,8 +92,9 @@ def test_in_flight_windows_stay_bounded(bootstrap: str) -> None:
     create_topic(bootstrap, topic)
     produce_lines(bootstrap, topic, BGL[:400])
     limit = 20
-    settings = make_settings(bootstrap, topic, format="bgl", window_size=2, batch_size=4, queue_max_windows=limit)
-    running = BackgroundPipeline(settings, detector=SlowDetector(0.05)).start()
+    settings = make_settings(bootstrap, topic, format="bgl", window_size=2, batch_size=10, queue_max_windows=limit)
+    # a batch takes longer than the pause grace (pipeline.PAUSE_GRACE_S): the full queue pauses the partition
+    running = BackgroundPipeline(settings, detector=SlowDetector(0.3)).start()
     peak, paused = 0, 0.0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and published(running) < 200:
