@@ -67,7 +67,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for window in positives:
         capped = model.cap(window.templates)
-        seen_from = first_seen_line(window.templates, model.max_messages, model.collapse_repeats)
+        seen_from = first_seen_line(window.templates, model.max_messages, model.view)
         vectors = detector._message_vectors(dict.fromkeys(capped))
         began = time.perf_counter()
         [p] = detector._probabilities([capped], vectors)

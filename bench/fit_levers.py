@@ -7,7 +7,7 @@ HDFS: block sessions with the consumer's HDFS defaults), in micro-batches of 4, 
 training forward + backward (`LogLLM.loss(...).backward()`, stage 3: everything trainable) under:
 
   baseline    all 30 SmolLM2 layers, float32, every message in the prompt (the paper's recipe)
-  collapse    `--collapse-repeats`: a run of identical consecutive messages given once
+  collapse    `--view runs`: a run of identical consecutive messages given once
   bf16        `--bf16`: bfloat16 autocast (CPUs with AMX / AVX512-BF16)
   both        collapse + bf16 (the shipped CPU recipe)
   layers-12   `--llm-layers 12`, float32, every message
@@ -76,7 +76,7 @@ def main() -> int:
         model.llm.config.num_hidden_layers = len(full)
         if config == "layers-12":
             truncate_layers(model.llm.base_model.model, 12)
-        model.collapse_repeats = config in ("collapse", "both")
+        model.view = "runs" if config in ("collapse", "both") else "lines"
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config in ("bf16", "both")
                     else contextlib.nullcontext())
         began, total = time.perf_counter(), 0.0
@@ -103,11 +103,11 @@ def main() -> int:
         best = min(seconds[config])
         print(f"  {config:10s} {best:7.3f} s/window  {base / best:5.2f}x  loss at init {losses[config]:.2f}")
 
-    distinct = weighted_distinct(train, 128, 0.3, collapse_repeats=True)
+    distinct = weighted_distinct(train, 128, 0.3, view="runs")
     messages = sum(len(w.window.templates) for w in train)
     distinct_messages = len({m for w in train for m in w.window.templates})
     prompt = sum(len(w.window.templates) for w in train) / len(train)
-    collapsed = sum(len(model_view(w.window.templates, 128, True)) for w in train) / len(train)
+    collapsed = sum(len(model_view(w.window.templates, 128, "runs")) for w in train) / len(train)
     print(f"data: {len(train)} train windows -> {len(distinct)} distinct (collapsed); BERT encodings per epoch "
           f"{messages} -> {distinct_messages} while BERT is frozen; prompt messages per window {prompt:.1f} -> "
           f"{collapsed:.1f} collapsed")

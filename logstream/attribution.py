@@ -40,7 +40,7 @@ from torch import Tensor
 from logstream.records import Window
 
 if TYPE_CHECKING:
-    from logstream.model import LogLLM
+    from logstream.model import LogLLM, MessageView
 
 EvidenceMethod = Literal["occlusion", "gradient", "attention", "mixed"]
 EVIDENCE_METHODS: tuple[str, ...] = get_args(EvidenceMethod)
@@ -90,7 +90,7 @@ class Attributor:
         started = time.perf_counter()
         distinct = list(dict.fromkeys(messages))
         if len(distinct) == 1:
-            return Attribution(self.method, ((distinct[0], log_odds(p)),), 0, time.perf_counter() - started)
+            return self._result(((distinct[0], log_odds(p)),), 0, started)
         rows = 0
         if self.method == "occlusion":
             scores = self._occlusion(messages, distinct, p, judge)
@@ -110,9 +110,15 @@ class Attributor:
             # the rest below them in attention order, contribution 0 (not measured: never named as evidence)
             head = sorted(((m, float(exact[m])) for m in short), key=lambda item: -item[1])
             ranking = (*head, *((m, 0.0) for m in ranked[self.shortlist:]))
-            return Attribution(self.method, ranking, 1 + len(short), time.perf_counter() - started)
+            return self._result(ranking, 1 + len(short), started)
         ranking = tuple(sorted(((m, float(scores[m])) for m in distinct), key=lambda item: -item[1]))
-        return Attribution(self.method, ranking, rows, time.perf_counter() - started)
+        return self._result(ranking, rows, started)
+
+    def _result(self, ranking: Sequence[tuple[str, float]], rows: int, started: float) -> Attribution:
+        """The attribution, its elements of the model's view named by their masked messages (the counts
+        view writes "<k> x <message>"; one element per message, so the names stay distinct)."""
+        named = tuple((self.model.template_of(m), c) for m, c in ranking)
+        return Attribution(self.method, named, rows, time.perf_counter() - started)
 
     # --- the methods ----------------------------------------------------------------------------
 
@@ -120,9 +126,10 @@ class Attributor:
                    judge: Judge) -> dict[str, float]:
         """Log-odds drop when every occurrence of a candidate leaves the window (one row per candidate).
 
-        A model that sees runs of repeats once (`collapse_repeats`) sees the variant that way too."""
+        A model that sees runs of repeats once (the runs view) sees the variant that way too; in the
+        counts view each message is one element already, so the variant only loses it."""
         variants = [[m for m in messages if m != candidate] for candidate in candidates]
-        if getattr(self.model, "collapse_repeats", False):
+        if getattr(self.model, "view", "lines") == "runs":
             variants = [[m for m, _ in itertools.groupby(variant)] for variant in variants]
         base = log_odds(p)
         return {c: base - log_odds(q) for c, q in zip(candidates, judge(variants))}
@@ -205,11 +212,17 @@ def ranking_evidence(attribution: Attribution) -> tuple[dict[str, Any], ...]:
     return tuple({"template": m, "contribution": round(c, 4), "method": attribution.method} for m, c in positive)
 
 
-def first_seen_line(templates: Sequence[str], max_messages: int, collapse_repeats: bool) -> int:
-    """Index of the window's first line the model saw: it sees the latest `max_messages` messages, or
-    of runs of repeated messages when it takes each run once (`LogLLM.cap`)."""
-    if not collapse_repeats:
+def first_seen_line(templates: Sequence[str], max_messages: int, view: MessageView) -> int:
+    """Index of the window's first line the model saw (`LogLLM.cap`): it sees the latest `max_messages`
+    messages (lines view), runs of repeated messages (runs view), or distinct messages by first
+    appearance (counts view: from the first line of the earliest kept one; counts cover the window)."""
+    if view == "lines":
         return max(0, len(templates) - max_messages)
+    if view == "counts":
+        first = list(dict.fromkeys(templates))
+        if len(first) <= max_messages:
+            return 0
+        return templates.index(first[-max_messages])
     runs = 0
     for index in range(len(templates) - 1, -1, -1):
         if index == len(templates) - 1 or templates[index] != templates[index + 1]:

@@ -19,9 +19,13 @@ the text for normal|anomalous, as the paper's code does: it is the oracle and th
 
 Messages per window are capped at `max_messages`, keeping the LATEST ones: in a stream the lines
 that closed the window are the freshest evidence, and the cap is the same in training and serving.
-With `collapse_repeats` (an artifact setting) a run of consecutive identical masked messages is
-given to the LLM once, before the cap (`model_view`): a BGL window of 100 lines holds about 9 such
-runs, so the prompt is ~4x shorter and the LLM ~3x cheaper, with the order of events kept.
+The message view (`view`, an artifact setting; `model_view`) says what the LLM is given of a window,
+before the cap: `lines` every masked message; `runs` a run of consecutive identical messages once (a
+BGL window of 100 lines holds about 9 such runs, so the prompt is ~4x shorter and the LLM ~3x
+cheaper, with the order of events kept); `counts` each distinct message once, in order of first
+appearance, as the text "<k> x <message>" with k its number of lines in the window (an HDFS block's
+health shows in how OFTEN messages occur: bench/RESULTS.md, HDFS round 3; the count is text the
+encoder reads, so everything keyed by message — vector caches, verdict keys, evidence — works as is).
 
 Shapes in comments: B windows, n messages of a window, T tokens of a message (<= 100), L prompt
 length, He encoder hidden size, H LLM hidden size, V vocabulary size, K kept logit positions.
@@ -38,10 +42,11 @@ import re
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import orjson
 import torch
@@ -116,11 +121,43 @@ LLM_LORA = LoraSpec(r=8, alpha=16, dropout=0.1, targets=("q_proj", "v_proj"))
 
 
 
-def model_view(messages: Sequence[str], max_messages: int, collapse_repeats: bool) -> list[str]:
-    """The messages the LLM sees of a window: runs of repeats once (if `collapse_repeats`), the latest
-    `max_messages` of those. One function for training, scoring and the verdict cache key."""
-    sequence = [m for m, _ in itertools.groupby(messages)] if collapse_repeats else list(messages)
+MessageView = Literal["lines", "runs", "counts"]
+MESSAGE_VIEWS: tuple[str, ...] = get_args(MessageView)
+_COUNT_SEPARATOR = " x "  # "3 x PacketResponder <*> for block <*> terminating": the count first, never truncated
+
+
+def model_view(messages: Sequence[str], max_messages: int, view: MessageView) -> list[str]:
+    """The messages the LLM sees of a window (module docstring), the latest `max_messages` of them.
+
+    One function for training, scoring, the verdict cache key and the trainer's distinct windows.
+    Raises ValueError for an unknown view."""
+    if view == "lines":
+        sequence = list(messages)
+    elif view == "runs":
+        sequence = [m for m, _ in itertools.groupby(messages)]
+    elif view == "counts":
+        counts = Counter(messages)
+        sequence = [f"{counts[m]}{_COUNT_SEPARATOR}{m}" for m in counts]  # Counter keeps first-appearance order
+    else:
+        raise ValueError(f"unknown message view {view!r}; choose one of {', '.join(MESSAGE_VIEWS)}")
     return sequence[-max_messages:]
+
+
+def view_template(element: str, view: MessageView) -> str:
+    """The masked message behind one element of `model_view` (the count taken off in the counts view)."""
+    if view != "counts":
+        return element
+    count, separator, template = element.partition(_COUNT_SEPARATOR)
+    if not separator or not count.isdigit():
+        raise ValueError(f"{element!r} is not an element of the counts view")
+    return template
+
+
+def check_view(view: str) -> MessageView:
+    """A message view name, checked (ValueError names the choices)."""
+    if view not in MESSAGE_VIEWS:
+        raise ValueError(f"unknown message view {view!r}; choose one of {', '.join(MESSAGE_VIEWS)}")
+    return view  # type: ignore[return-value]
 
 
 def check_threshold(threshold: float) -> float:
@@ -294,7 +331,7 @@ class LogLLM(nn.Module):
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_message_tokens: int = MAX_MESSAGE_TOKENS,
         threshold: float = DEFAULT_THRESHOLD,
-        collapse_repeats: bool = False,
+        view: MessageView = "lines",
     ) -> None:
         super().__init__()
         if max_messages < 1:
@@ -310,7 +347,7 @@ class LogLLM(nn.Module):
         self.max_message_tokens = max_message_tokens
         self.prompt = Prompt.for_tokenizer(llm_tokenizer)
         self.llm_layers = int(llm.config.num_hidden_layers)  # decoder layers in use (may be the first N)
-        self.collapse_repeats = collapse_repeats  # consecutive repeats of a message given once (`model_view`)
+        self.view = check_view(view)  # what the LLM is given of a window (`model_view`)
         self.threshold = check_threshold(threshold)  # P(anomalous) at which a window is called anomalous
         self.decision: dict[str, Any] = {"threshold": self.threshold, "source": "default"}  # how it was chosen
         self.merged = False  # adapters folded into the base weights (inference only; cannot be saved)
@@ -331,16 +368,16 @@ class LogLLM(nn.Module):
         max_messages: int = DEFAULT_MAX_MESSAGES,
         seed: int | None = None,
         llm_layers: int | None = None,
-        collapse_repeats: bool = False,
+        view: MessageView = "lines",
     ) -> LogLLM:
         """A fresh model from the base models (None: the embedded defaults), new projector, no adapters yet.
 
-        `llm_layers` keeps the LLM's first N decoder layers (None: all of them); `collapse_repeats`
-        gives a run of identical consecutive messages to the LLM once (`model_view`).
+        `llm_layers` keeps the LLM's first N decoder layers (None: all of them); `view` is what the LLM
+        is given of a window (`model_view`; ValueError if unknown).
         """
         embedder_base, llm_base = resolve_embedder(embedder, cache_dir), resolve_llm(llm, cache_dir)
         model = cls._from_bases(embedder_base, llm_base, device, load_in_4bit, max_messages, seed, llm_layers)
-        model.collapse_repeats = collapse_repeats
+        model.view = check_view(view)
         return model
 
     @classmethod
@@ -414,8 +451,12 @@ class LogLLM(nn.Module):
     # --- messages -> vectors ------------------------------------------------------------------
 
     def cap(self, messages: Sequence[str]) -> list[str]:
-        """The messages the model sees: the latest `max_messages` (of the runs, with `collapse_repeats`)."""
-        return model_view(messages, self.max_messages, self.collapse_repeats)
+        """The messages the model sees of a window: the latest `max_messages` of its view (`model_view`)."""
+        return model_view(messages, self.max_messages, self.view)
+
+    def template_of(self, element: str) -> str:
+        """The masked message behind an element of `cap`'s result (`view_template`)."""
+        return view_template(element, self.view)
 
     def encode_batch(self, messages: Sequence[str]) -> Tensor:
         """BERT pooler output of each message, in one padded batch, no deduplication. [n] -> [n, He]."""
@@ -600,7 +641,7 @@ class LogLLM(nn.Module):
             "decision": {**self.decision, "threshold": self.threshold},
             "max_message_tokens": self.max_message_tokens,
             "max_messages": self.max_messages,
-            "collapse_repeats": self.collapse_repeats,
+            "view": self.view,
             "lora": {"embedder": asdict(EMBEDDER_LORA), "llm": asdict(LLM_LORA)},
             "coverage": self.coverage.to_json() if self.coverage is not None else None,
             "created_at": time.time(),
@@ -641,7 +682,7 @@ class LogLLM(nn.Module):
         model = cls._from_bases(embedder_base, llm_base, device, load_in_4bit,
                                 max_messages if max_messages is not None else int(config["max_messages"]),
                                 llm_layers=config["llm"].get("layers"))
-        model.collapse_repeats = bool(config.get("collapse_repeats", False))
+        model.view = artifact_view(config)
         model.coverage = TrainingCoverage.from_json(config.get("coverage"))
         decision = config.get("decision") or {}
         model.threshold = check_threshold(decision.get("threshold", DEFAULT_THRESHOLD))
@@ -691,6 +732,17 @@ def read_artifact_config(directory: Path) -> dict[str, Any]:
         if not (directory / name).is_file():
             raise ArtifactError(f"model artifact {directory} is incomplete: {name} is missing")
     return config
+
+
+def artifact_view(config: Mapping[str, Any]) -> MessageView:
+    """The message view an artifact config records: `view`, or (artifacts written before it existed)
+    `collapse_repeats` true -> runs, else lines. ArtifactError for an unknown view."""
+    if "view" in config:
+        try:
+            return check_view(str(config["view"]))
+        except ValueError as exc:
+            raise ArtifactError(f"{ARTIFACT_CONFIG}: {exc}") from None
+    return "runs" if config.get("collapse_repeats") else "lines"
 
 
 def artifact_fingerprint(directory: Path) -> str:

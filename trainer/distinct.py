@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from logstream.model import model_view
+from logstream.model import MessageView, model_view
 from trainer.data import LabeledWindow
 
 
@@ -25,7 +25,7 @@ from trainer.data import LabeledWindow
 class DistinctWindow:
     """One distinct (message sequence, label) of the train split."""
 
-    templates: tuple[str, ...]  # the masked messages the model sees (the latest `max_messages`)
+    templates: tuple[str, ...]  # the window as the model sees it (`model_view`: the latest `max_messages`)
     label: bool
     count: int  # train windows with this sequence and label
     weight: float  # count x the class weight (minority oversampled to beta)
@@ -33,13 +33,13 @@ class DistinctWindow:
 
 
 def distinct_windows(windows: Sequence[LabeledWindow], max_messages: int,
-                     collapse_repeats: bool = False) -> list[tuple[tuple[str, ...], bool, int, LabeledWindow]]:
+                     view: MessageView = "lines") -> list[tuple[tuple[str, ...], bool, int, LabeledWindow]]:
     """(templates the model sees, label, count, first window) per distinct pair, in order of first appearance."""
     if max_messages < 1:
         raise ValueError(f"max_messages must be at least 1, got {max_messages}")
     groups: dict[tuple[tuple[str, ...], bool], list[Any]] = {}
     for item in windows:
-        key = (tuple(model_view(item.window.templates, max_messages, collapse_repeats)), bool(item.label))
+        key = (tuple(model_view(item.window.templates, max_messages, view)), bool(item.label))
         entry = groups.get(key)
         if entry is None:
             groups[key] = [key[0], key[1], 1, item]
@@ -66,9 +66,9 @@ def class_weights(anomalous: int, normal: int, beta: float) -> dict[bool, float]
 
 
 def weighted_distinct(windows: Sequence[LabeledWindow], max_messages: int, beta: float,
-                      collapse_repeats: bool = False) -> list[DistinctWindow]:
+                      view: MessageView = "lines") -> list[DistinctWindow]:
     """The distinct windows of `windows`, each weighted by count x class weight (see the module docstring)."""
-    groups = distinct_windows(windows, max_messages, collapse_repeats)
+    groups = distinct_windows(windows, max_messages, view)
     anomalous = sum(count for _, label, count, _ in groups if label)
     normal = sum(count for _, label, count, _ in groups if not label)
     weights = class_weights(anomalous, normal, beta)

@@ -44,8 +44,10 @@ data position, and a resumed run sees the same batches in the same order.
 CPU levers (bench/RESULTS.md has their measured effect): `--llm-layers N` keeps the LLM's first N
 decoder layers (stored in the artifact; the consumer loads the same shallow model), `--bf16`
 runs forward and backward under bfloat16 autocast on CPUs with native bf16 (AMX/AVX512-BF16),
-`--collapse-repeats` gives a run of identical consecutive messages to the LLM once (a shorter
-prompt; it also hides how often a message repeats, which HDFS sessions are judged by),
+`--view` says what the LLM is given of a window (`logstream.model.model_view`): `lines` (every
+message), `runs` (a run of identical consecutive messages once: a shorter prompt that hides how
+often a message repeats) or `counts` (each distinct message once, with its count as text: what HDFS
+sessions are judged by, and the shortest prompt),
 `--freeze-encoder` keeps BERT frozen in every stage, so stage 3 (projector + LLM LoRA) reads the
 vectors encoded once per run (~1.5x cheaper an epoch; stage 2-2 left out), `--threads`. The paper's recipe stays:
 all layers, BERT's LoRA trained in stages 2-2 and 3, and on CUDA 4-bit NF4 + bf16 + checkpointing.
@@ -77,7 +79,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,9 +95,11 @@ from logstream.model import (
     ARTIFACT_CONFIG,
     EMBEDDER_ADAPTER,
     LLM_ADAPTER,
+    MESSAGE_VIEWS,
     PROJECTOR_FILE,
     ArtifactError,
     LogLLM,
+    MessageView,
 )
 from logstream.settings import Settings
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, summarize
@@ -170,7 +174,7 @@ class FitConfig:
     validation_fraction: float = 0.2
     llm_layers: int | None = None
     bf16: bool = False
-    collapse_repeats: bool = False
+    view: MessageView = "lines"
     freeze_encoder: bool = False
 
     def trains(self, stage: str) -> dict[str, bool]:
@@ -181,11 +185,20 @@ class FitConfig:
         return opens
 
 
+def upgrade_run_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run.json config of an older logstream in today's terms (`RunStore.begin`): `collapse_repeats`
+    (a flag before `--view`) true is the runs view, false the lines view."""
+    upgraded = dict(saved)
+    if "collapse_repeats" in upgraded:
+        upgraded.setdefault("view", "runs" if upgraded.pop("collapse_repeats") else "lines")
+    return upgraded
+
+
 # --- the training stream --------------------------------------------------------------------------
 
 
 def training_set(train: Sequence[LabeledWindow], beta: float, max_messages: int,
-                 collapse_repeats: bool = False) -> list[DistinctWindow]:
+                 view: MessageView = "lines") -> list[DistinctWindow]:
     """The distinct train windows, weighted (minority class at `beta` of the weight); both classes required."""
     counts = summarize(train)
     if counts["anomalous"] == 0 or counts["normal"] == 0:
@@ -193,7 +206,7 @@ def training_set(train: Sequence[LabeledWindow], beta: float, max_messages: int,
         raise FitError(f"the train split has no {missing} window ({counts['windows']} windows): LogLLM is a "
                        "classifier and needs both classes (raise --max-windows, use more data, or train the "
                        "unsupervised detector with fit-logllama)")
-    return weighted_distinct(train, max_messages, beta, collapse_repeats)
+    return weighted_distinct(train, max_messages, beta, view)
 
 
 LENGTH_POOL = 16  # micro-batches per pool of similar-length windows (`epoch_order`)
@@ -339,13 +352,14 @@ class Prepared:
     probe: list[DistinctWindow]
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def messages(self) -> list[str]:
-        """Every distinct message the run scores: training, probe and validation windows."""
+    def messages(self, view: Callable[[Sequence[str]], list[str]]) -> list[str]:
+        """Every distinct message the run scores, as the model sees them (`view`: `LogLLM.cap`): training,
+        probe and validation windows."""
         seen: dict[str, None] = {}
         for item in self.stream:
             seen.update(dict.fromkeys(item.templates))
         for labeled in self.validation:
-            seen.update(dict.fromkeys(labeled.window.templates))
+            seen.update(dict.fromkeys(view(labeled.window.templates)))
         return list(seen)
 
 
@@ -360,7 +374,8 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.world = world if world is not None else World()
         self.store = RunStore(output / CHECKPOINTS, FitError)
-        self.run_id = self.world.on_main(lambda: self.store.begin(config, resume=resume))
+        self.run_id = self.world.on_main(lambda: self.store.begin(config, resume=resume,
+                                                                            upgrade=upgrade_run_config))
         self.summary: dict[str, Any] = {"output": str(output), "run_id": self.run_id, "stages": {}}
         self.model: LogLLM | None = None
         self.coverage: TrainingCoverage | None = None  # set by prepare(), written into the artifact
@@ -375,7 +390,7 @@ class Trainer:
                            train_fraction=c.train_fraction, max_windows=c.max_windows, **c.window)
         fit_train, validation = carve_validation(split.train, c.validation_fraction,
                                                  chronological=c.dataset in CHRONOLOGICAL, seed=c.seed)
-        stream = training_set(fit_train, c.beta, c.max_messages, c.collapse_repeats)
+        stream = training_set(fit_train, c.beta, c.max_messages, c.view)
         probe = probe_set(stream, c.probe_windows, c.beta, c.seed)
         weight = sum(w.weight for w in stream)
         stats = {
@@ -405,7 +420,7 @@ class Trainer:
         model = LogLLM.build(embedder=c.embedder, llm=c.llm, cache_dir=self.settings.cache_dir,
                              device=self.settings.device, load_in_4bit=c.load_in_4bit,
                              max_messages=c.max_messages, seed=c.seed, llm_layers=c.llm_layers,
-                             collapse_repeats=c.collapse_repeats)
+                             view=c.view)
         model.attach_lora()
         if c.gradient_checkpointing:
             model.enable_gradient_checkpointing()
@@ -541,7 +556,8 @@ class Trainer:
                     batch = micro_batches[index]
                     weights = [w.weight for w in batch]
                     with self._autocast():
-                        loss = model.loss([w.templates for w in batch], [w.label for w in batch], vectors=vectors,
+                        loss = model.loss([w.example.window.templates for w in batch], [w.label for w in batch],
+                                          vectors=vectors,
                                           weights=weights)
                     (loss * (sum(weights) / step_weight)).backward()
                     mine.append((index, round(loss.item(), 5)))
@@ -597,7 +613,7 @@ class Trainer:
             began = time.perf_counter()
             was_training = model.embedder.training
             model.embedder.eval()
-            self.vectors = model.encode_distinct(data.messages())
+            self.vectors = model.encode_distinct(data.messages(model.cap))
             model.embedder.train(was_training)
             log.info("messages_encoded", distinct=len(self.vectors), seconds=round(time.perf_counter() - began, 2))
         return self.vectors
@@ -615,7 +631,8 @@ class Trainer:
         with torch.no_grad():
             for start in range(0, len(data.probe), self.config.micro_batch):
                 batch = data.probe[start : start + self.config.micro_batch]
-                loss = model.loss([w.templates for w in batch], [w.label for w in batch], vectors=vectors)
+                loss = model.loss([w.example.window.templates for w in batch], [w.label for w in batch],
+                                  vectors=vectors)
                 total += loss.item() * len(batch)
         model.train(was_training)
         return round(total / len(data.probe), 5)
@@ -774,9 +791,11 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--llm-layers", type=int, default=None,
                        help="keep the LLM's first N decoder layers (default: all, the paper's recipe); stored in "
                             "the artifact, so the consumer serves the same model")
-    train.add_argument("--collapse-repeats", action=argparse.BooleanOptionalAction, default=False,
-                       help="give a run of identical consecutive masked messages to the LLM once (a shorter "
-                            "prompt: ~4x on BGL windows); stored in the artifact, the consumer does the same")
+    train.add_argument("--view", choices=MESSAGE_VIEWS, default="lines",
+                       help="what the LLM is given of a window: lines (every masked message, the paper's), runs "
+                            "(a run of identical consecutive messages once: ~4x shorter BGL prompts) or counts "
+                            "(each distinct message once as '<k> x <message>': how often, not in what order); "
+                            "stored in the artifact, the consumer does the same")
     train.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="keep BERT frozen in every stage (stage 3 trains the projector and the LLM's LoRA on "
                             "message vectors encoded once per run: a stage-3 epoch ~1.5x cheaper on CPU); stage 2-2, "
@@ -831,7 +850,7 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
                 "3": args.epochs_stage3},
         stage1_samples=args.stage1_samples, lr_gamma=args.lr_gamma, lr_decay_every=args.lr_decay_every,
         probe_windows=args.probe_windows, validation_fraction=args.validation_fraction, llm_layers=args.llm_layers,
-        bf16=bool(args.bf16) and device.type == "cpu", collapse_repeats=bool(args.collapse_repeats),
+        bf16=bool(args.bf16) and device.type == "cpu", view=args.view,
         freeze_encoder=bool(args.freeze_encoder),
     )
 

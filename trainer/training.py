@@ -106,12 +106,14 @@ class RunStore:
         self.directory = directory
         self.error = error  # the command's own subclass, so its callers catch one type
 
-    def begin(self, run_config: Any, *, resume: bool) -> str:
+    def begin(self, run_config: Any, *, resume: bool,
+              upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
         """The run id: a new run (refused over an existing one without --resume) or the resumed one.
 
         `run_config` is the command's config dataclass; run.json keeps its fields. A saved run.json
         without a field that has a default (a setting added after that run started) ran with that
-        default, so a resume with the default matches it.
+        default, so a resume with the default matches it; `upgrade` translates a saved config of an
+        older logstream (a renamed setting) before the comparison.
         """
         config = dataclasses.asdict(run_config)
         path = self.directory / RUN_FILE
@@ -122,7 +124,7 @@ class RunStore:
                                  "it, or choose another --output")
             defaults = {f.name: f.default for f in dataclasses.fields(run_config)
                         if f.default is not dataclasses.MISSING}
-            before = {**defaults, **saved["config"]}
+            before = {**defaults, **(upgrade(saved["config"]) if upgrade else saved["config"])}
             differ = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
             if differ:
                 raise self.error("--resume with other settings than the run in "

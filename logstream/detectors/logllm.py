@@ -198,7 +198,7 @@ class LogLLMDetector:
         """A cached verdict's ranked messages placed on this window's lines (index, offset, count)."""
         if not verdict.evidence:
             return verdict
-        seen_from = first_seen_line(window.templates, self.model.max_messages, self.model.collapse_repeats)
+        seen_from = first_seen_line(window.templates, self.model.max_messages, self.model.view)
         evidence = localize(window, seen_from, verdict.evidence)
         return Verdict(anomalous=verdict.anomalous, score=verdict.score, evidence=evidence)
 

@@ -96,9 +96,12 @@ def test_the_alerts_tail_prints_logllm_evidence_with_count_and_contribution() ->
 
 def test_first_seen_line_follows_the_models_view_of_the_window() -> None:
     templates = ["a", "a", "b", "c", "c", "c", "d"]
-    assert first_seen_line(templates, 10, collapse_repeats=False) == 0
-    assert first_seen_line(templates, 3, collapse_repeats=False) == 4
+    assert first_seen_line(templates, 10, "lines") == 0
+    assert first_seen_line(templates, 3, "lines") == 4
     # runs taken once: the latest 3 runs are b, ccc, d: from line 2
-    assert first_seen_line(templates, 3, collapse_repeats=True) == 2
-    assert first_seen_line(templates, 2, collapse_repeats=True) == 3
-    assert first_seen_line(templates, 4, collapse_repeats=True) == 0
+    assert first_seen_line(templates, 3, "runs") == 2
+    assert first_seen_line(templates, 2, "runs") == 3
+    assert first_seen_line(templates, 4, "runs") == 0
+    # counts: the latest 2 distinct messages by first appearance are c, d: from c's first line
+    assert first_seen_line(templates, 2, "counts") == 3
+    assert first_seen_line(templates, 4, "counts") == 0

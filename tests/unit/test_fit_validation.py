@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from logstream.model import DEFAULT_THRESHOLD, calibrated_score, check_threshold, model_view
+from logstream.model import (
+    DEFAULT_THRESHOLD,
+    ArtifactError,
+    artifact_view,
+    calibrated_score,
+    check_threshold,
+    model_view,
+    view_template,
+)
 from logstream.records import LogLine, Window
 from trainer.baselines import TfidfDetector
 from trainer.data import LabeledWindow
@@ -74,14 +82,31 @@ def test_tfidf_baseline_learns_template_tokens() -> None:
         TfidfDetector.fit([window(i, False) for i in range(5)])
 
 
-def test_the_model_view_collapses_runs_before_the_cap_only_when_asked() -> None:
+def test_the_model_views_runs_and_counts_before_the_cap() -> None:
     messages = ["a", "a", "b", "a", "c", "c", "c"]
-    assert model_view(messages, 128, collapse_repeats=True) == ["a", "b", "a", "c"]  # order kept, runs once
-    assert model_view(messages, 2, collapse_repeats=True) == ["a", "c"]  # the latest runs
-    assert model_view(messages, 3, collapse_repeats=False) == ["c", "c", "c"]
+    assert model_view(messages, 128, "runs") == ["a", "b", "a", "c"]  # order kept, runs once
+    assert model_view(messages, 2, "runs") == ["a", "c"]  # the latest runs
+    assert model_view(messages, 3, "lines") == ["c", "c", "c"]
+    # counts: each message once, by first appearance, with its lines in the whole window
+    assert model_view(messages, 128, "counts") == ["3 x a", "1 x b", "3 x c"]
+    assert model_view(messages, 2, "counts") == ["1 x b", "3 x c"]
+    assert [view_template(e, "counts") for e in model_view(["x 1 x y", "x 1 x y"], 9, "counts")] == ["x 1 x y"]
+    assert view_template("3 x a", "runs") == "3 x a"  # only the counts view writes counts
+    with pytest.raises(ValueError, match="not an element of the counts view"):
+        view_template("a", "counts")
+    with pytest.raises(ValueError, match="choose one of lines, runs, counts"):
+        model_view(messages, 9, "bag")  # type: ignore[arg-type]
+    # an artifact written before views existed: its collapse_repeats flag names the view
+    assert [artifact_view(c) for c in ({"collapse_repeats": True}, {"collapse_repeats": False}, {},
+                                       {"view": "counts"})] == ["runs", "lines", "lines", "counts"]
+    with pytest.raises(ArtifactError, match="unknown message view"):
+        artifact_view({"view": "bag"})
     train = [window(i, False, text=t) for i, t in enumerate("aab")] + [window(9, True, text="z")]
     one = [LabeledWindow(Window("count", "k", "t", 0, [w.window.lines[0] for w in train[:3]], "size"), False),
            LabeledWindow(Window("count", "k2", "t", 0, [train[0].window.lines[0], train[2].window.lines[0]], "size"),
                          False), train[3]]
-    distinct = weighted_distinct(one, 128, 0.3, collapse_repeats=True)
+    distinct = weighted_distinct(one, 128, 0.3, view="runs")
     assert [(d.templates, d.count) for d in distinct] == [(("a", "b"), 2), (("z",), 1)]  # a a b == a b
+    counted = weighted_distinct(one, 128, 0.3, view="counts")  # a a b != a b: counts differ
+    assert [(d.templates, d.count) for d in counted] == [(("2 x a", "1 x b"), 1), (("1 x a", "1 x b"), 1),
+                                                          (("1 x z",), 1)]

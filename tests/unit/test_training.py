@@ -12,6 +12,7 @@ import pytest
 
 from trainer.fit_logllama import STAGE_TABLE as LOGLLAMA_STAGES
 from trainer.fit_logllm import STAGE_TABLE as LOGLLM_STAGES
+from trainer.fit_logllm import upgrade_run_config
 from trainer.training import SUMMARY_FILE, RunError, RunStore, fit_skeleton
 
 
@@ -80,10 +81,17 @@ def test_a_run_started_before_a_setting_existed_resumes_with_its_default(tmp_pat
     run_id = store.begin(config, resume=False)
     run_file = tmp_path / "checkpoints" / RUN_FILE
     saved = orjson.loads(run_file.read_bytes())
-    for newer in ("freeze_encoder", "collapse_repeats", "bf16"):  # run.json of a run older than these settings
+    for newer in ("freeze_encoder", "view", "bf16"):  # run.json of a run older than these settings
         del saved["config"][newer]
     run_file.write_bytes(orjson.dumps(saved))
     assert store.begin(config, resume=True) == run_id  # every newer setting at its default
+    saved["config"]["collapse_repeats"] = True  # a run from before --view, with the flag that became runs
+    run_file.write_bytes(orjson.dumps(saved))
+    with pytest.raises(RunError, match=": collapse_repeats differ"):
+        store.begin(config, resume=True)
+    assert store.begin(dataclasses.replace(config, view="runs"), resume=True, upgrade=upgrade_run_config) == run_id
+    del saved["config"]["collapse_repeats"]
+    run_file.write_bytes(orjson.dumps(saved))
     with pytest.raises(RunError, match=": freeze_encoder differ"):
         store.begin(dataclasses.replace(config, freeze_encoder=True), resume=True)
     del saved["config"]["logs"]  # a field without a default missing from run.json is still a difference
