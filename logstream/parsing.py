@@ -3,10 +3,11 @@
 Shared by the consumer and the trainer: a record's bytes become a `LogLine` (content masked into a
 template, event time, label, block ids) here and nowhere else. Records that cannot be parsed raise
 `BadRecord` with a short machine-readable reason; the caller routes them to the dead-letter topic.
+Masking and block ids: `logstream.masking`.
 
-Masking follows the LogLLM recipe (no template parser, regular expressions only): a whitespace-
-separated token is replaced by `<*>` when it contains a digit (numbers, ids, IPs with ports, block
-ids), contains a `/` (file paths, URLs), or is a long run of hex letters (hex ids without digits).
+A consume batch of a fixed-header format goes through `logstream.arrowparse` first (Arrow kernels
+over the whole batch); what it leaves (and every generic line) is parsed here line by line, the
+reference the vectorized path is tested against.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
+from logstream.arrowparse import ArrowBatchParser, vector_formats
+from logstream.masking import BLOCK_ID, MASK, block_ids, mask
 from logstream.records import LogLine, TimeSource
 from logstream.timestamps import leading_timestamp
 
-MASK = "<*>"
+__all__ = ["MASK", "BadRecord", "LineParser", "ParsedLine", "block_ids", "decode_record", "line_breaks", "mask",
+           "parse_bgl", "parse_generic", "parse_hdfs", "parse_thunderbird", "parser_for"]
 
-_VARIABLE_TOKEN = re.compile(r"(?<!\S)(?:(?=[^\s\d/]*[\d/])\S+|[A-Fa-f]{8,}(?!\S))")
-_BLOCK_ID = re.compile(r"blk_-?\d+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HDFS = re.compile(r"(\d{6}) (\d{6}) (\d+) (\S+) (\S+?):(?: (.*))?$", re.DOTALL)
 BOM = "\ufeff"  # a UTF-8 byte-order mark (EF BB BF) decoded: never data at the start of a line
@@ -49,21 +52,6 @@ class ParsedLine:
 
 
 Fields = tuple[str, "float | None", "bool | None"]  # a ParsedLine's fields, in order
-
-
-def mask(content: str) -> str:
-    """Replace variable tokens by `<*>` (see the module docstring for the rule)."""
-    return _VARIABLE_TOKEN.sub(MASK, content)
-
-
-def block_ids(line: str) -> tuple[str, ...]:
-    """Every HDFS block id the line names, first occurrence order, without repeats."""
-    if "blk_" not in line:  # most lines of most formats: no regex call
-        return ()
-    found = _BLOCK_ID.findall(line)
-    if len(found) < 2:
-        return tuple(found)
-    return tuple(dict.fromkeys(found))
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -266,6 +254,7 @@ def _line_factory() -> _LineMaker:
 _new_line = _line_factory()
 
 TEMPLATE_CACHE_ENTRIES = 16_384
+VECTOR_MIN_RECORDS = 32  # batches of fewer records are parsed line by line (`LineParser.parse_batch`)
 TEMPLATE_CACHE_MAX_CHARS = 512
 
 
@@ -284,11 +273,13 @@ class LineParser:
     (the consumer calls it when it takes a partition on), so a replay gives the same times.
     """
 
-    def __init__(self, fmt: str, max_line_bytes: int = 1_048_576) -> None:
+    def __init__(self, fmt: str, max_line_bytes: int = 1_048_576, vector_min: int = VECTOR_MIN_RECORDS) -> None:
         self.format = fmt
         self.max_line_bytes = max_line_bytes
+        self.vector_min = vector_min  # smaller batches: per line (a kernel call has a fixed cost)
         parser_for(fmt)  # refuses an unknown format with the list of known ones
         self._fields = _FIELDS.get(fmt)
+        self._vector = ArrowBatchParser(fmt, max_line_bytes) if fmt in vector_formats() else None
         self._templates: dict[str, str] = {}
         self._last_times: dict[tuple[str, int], float] = {}
         self._reference = time.time()  # dates year-less stamps of records without a time (files)
@@ -319,21 +310,46 @@ class LineParser:
         offsets: Sequence[int],
         record_times: Sequence[float],
     ) -> list[LogLine | BadRecord]:
-        """Parse consecutive records of one partition (a consume batch) in one pass.
+        """Parse consecutive records of one partition (a consume batch) at once.
 
         The same result, record for record, as `parse` on each in order (a `BadRecord` in the
         record's place instead of raised, state such as a generic line's inherited time carried
-        across the batch), without the per-record call chain: the steps of `parse` inlined in one
-        loop over the batch. `values`, `offsets` and `record_times` (seconds, 0 for none) are
-        parallel sequences. Raises ValueError when their lengths differ.
+        across the batch). A batch of a fixed-header format of at least `vector_min` records goes
+        through `arrowparse.ArrowBatchParser` (Arrow kernels over the whole batch); the records it
+        leaves, and every other batch, take the per-line steps of `parse` in one loop. `values`,
+        `offsets` and `record_times` (seconds, 0 for none) are parallel sequences. Raises ValueError
+        when their lengths differ.
         """
         if not len(values) == len(offsets) == len(record_times):
             raise ValueError(f"parse_batch: {len(values)} values, {len(offsets)} offsets, "
                              f"{len(record_times)} record times")
+        if self._vector is None or len(values) < self.vector_min:
+            return self._parse_each(values, topic, partition, offsets, record_times)
+        plain = self._vector.parse(values)
+        plain_offsets = offsets if len(plain.rows) == len(values) else [offsets[row] for row in plain.rows]
+        lines: list[LogLine | BadRecord] = list(map(
+            _new_line, repeat(topic), repeat(partition), plain_offsets, plain.raw, plain.templates, plain.event_times,
+            plain.labels, plain.blocks, repeat("line")))
+        if len(lines) == len(values):
+            return lines
+        out: list[LogLine | BadRecord] = []
+        done = 0  # records before this index are in `out`
+        for row, line in zip(plain.rows, lines):
+            if row > done:
+                out += self._parse_each(values[done:row], topic, partition, offsets[done:row], record_times[done:row])
+            out.append(line)
+            done = row + 1
+        if done < len(values):
+            out += self._parse_each(values[done:], topic, partition, offsets[done:], record_times[done:])
+        return out
+
+    def _parse_each(self, values: Sequence[bytes | None], topic: str, partition: int, offsets: Sequence[int],
+                    record_times: Sequence[float]) -> list[LogLine | BadRecord]:
+        """`parse` on each record in order, its steps inlined in one loop (the reference path)."""
         out: list[LogLine | BadRecord] = []
         append = out.append
         fields, templates, max_bytes, new_line = self._fields, self._templates, self.max_line_bytes, _new_line
-        find_blocks, key = _BLOCK_ID.findall, (topic, partition)
+        find_blocks, key = BLOCK_ID.findall, (topic, partition)
         for value, offset, record_time in zip(values, offsets, record_times):
             source: TimeSource = "line"
             try:

@@ -44,6 +44,7 @@ from logstream.deadletters import DeadLetterWatch
 from logstream.detectors.base import Detector
 from logstream.errors import FatalFlag, FatalPipelineError, KafkaSetupError
 from logstream.ingest import Ingest
+from logstream.intake import ConsumeSizer
 from logstream.kafka import (
     KAFKA_CALL_TIMEOUT_S,
     base_config,
@@ -68,7 +69,7 @@ __all__ = ["FatalPipelineError", "Pipeline"]
 
 log = get_logger(__name__)
 
-CONSUME_BATCH = 500
+CONSUME_BATCH = 2000  # records per consume call at most (`intake.ConsumeSizer` picks fewer when windows wait)
 REBALANCE_DRAIN_S = 10.0
 # How long the poll loop lets the scorer work through a burst before pausing its partitions. One
 # consume batch can close hundreds of sessions at once (stream time jumps past many deadlines); a
@@ -102,6 +103,8 @@ class Pipeline:
         self._epoch = 0
         self._assigned_once = False
         self._paused = False
+        self._sizer = ConsumeSizer(CONSUME_BATCH)
+        self._windows_submitted = 0  # windows handed to the scorer so far (the sizer's rate)
         self._fatal = FatalFlag()
         self._error_log = LogThrottle(10.0)
         self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
@@ -181,12 +184,15 @@ class Pipeline:
             if self.stop_event.is_set():
                 self._shutdown(deadline=time.monotonic() + self.settings.shutdown_timeout_s)
                 return 0
-            # Never read more records than there is room for windows: keeps the in-flight bound tight.
+            # Never read many more records than close the windows there is room for: keeps the in-flight bound.
             room = self.settings.queue_max_windows - self._in_flight()
-            messages = self.consumer.consume(min(CONSUME_BATCH, max(1, room)), 0.1)
+            wanted = self._sizer.records(room, self._once_remaining() if self.settings.once else None)
+            messages = self.consumer.consume(wanted, 0.1)
             self.health.last_poll = time.time()
             if messages:
+                submitted = self._windows_submitted
                 self.ingest.handle(messages, self.parts)
+                self._sizer.observe(len(messages), self._windows_submitted - submitted)
             self._collect_results()
             self._apply_backpressure()
             self._close_idle_windows()
@@ -369,6 +375,7 @@ class Pipeline:
                 self._submit(state, state.release_idle())
 
     def _submit(self, state: PartitionState, windows: list[Window]) -> None:
+        self._windows_submitted += len(windows)
         jobs = []
         for window in windows:
             self.metrics.windows_closed.labels(window.kind, window.close_reason).inc()
@@ -417,6 +424,20 @@ class Pipeline:
         if assignment:
             self.consumer.resume(assignment)
         self.metrics.paused_partitions.set(0)
+
+    def _once_remaining(self) -> int | None:
+        """`--once`: records left before the end offsets of the partitions not at their end (None while a
+        partition's position or end is unknown). Reading them is enough (`PartitionState.caught_up`): no
+        wait for the end-of-partition event, which takes one more fetch. Control records of transactions
+        take offsets but are not delivered: then the last consume call waits for its timeout, as without this."""
+        left = 0
+        for state in self.parts.values():
+            if state.eof:
+                continue
+            if state.end_at_start is None or state.position is None:
+                return None
+            left += max(0, state.end_at_start - state.position)
+        return left if self.parts else None
 
     def _once_done(self) -> bool:
         if not self._assigned_once or self._assignment.waiting(once=True):

@@ -4,7 +4,9 @@ Over every line of every shared sample (each file read in the format it is writt
 generic text) and over generated records, good and bad (empty, too large, undecodable, control
 characters, byte-order marks, line endings, broken headers, non-ASCII digits), split into consume
 batches of uneven sizes: the same fields, templates, block ids, event times and time sources, and
-the same dead-letter reason and detail in the place of each bad record.
+the same dead-letter reason and detail in the place of each bad record. Batches of the fixed-header
+formats go through the vectorized path (`logstream.arrowparse`); generated records built to sit on
+either side of its plain shapes check its edges.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logstream.arrowparse import ArrowBatchParser
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine
+from tests.hardening_inputs import CLOCK_AHEAD_HDFS
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SAMPLES = Path(__file__).resolve().parents[2] / "logstream" / "samples"
@@ -107,8 +111,96 @@ def test_generated_records_good_and_bad(fmt: str, values: list[bytes | None], si
     times = times + times
     expected = one_by_one(LineParser(fmt, max_bytes), values, times)
     assert batched(LineParser(fmt, max_bytes), values, times, sizes) == expected
+    # every batch through the vectorized path (arrowparse), whatever its size
+    assert batched(LineParser(fmt, max_bytes, vector_min=1), values, times, sizes) == expected
 
 
 def test_lengths_must_agree() -> None:
     with pytest.raises(ValueError, match="2 values, 1 offsets"):
         LineParser("bgl").parse_batch([b"a", b"b"], topic="t", partition=0, offsets=[0], record_times=[0.0, 0.0])
+
+
+# --- the vectorized path (logstream.arrowparse) ------------------------------------------------------
+
+DIGITS = st.text("0123456789", min_size=1, max_size=17)
+FIELD = st.sampled_from(["R02", "RAS", "KERNEL", "INFO", "-", "APPERR", "x.y", "a:b", "dfs.DataNode$X",
+                         "2005-06-03-15.42.50.675872", "15.42.50.67587", "123456", "1.2.123456", "a.1234567", ".",
+                         "Nov", "9", "12:01:01", "dn228/dn228"] * 3 + ["", "é", "٣"])
+SEP = st.sampled_from([" "] * 30 + ["  ", "\t", " \t"])  # mostly plain: one odd separator in ten lines
+PLAIN_TOKENS = ["generating", "core.2275", "/tmp/x", "deadbeef", "DEADBEEFcafe", "deadbee", "abcdefgh1", "blk_-42",
+                "blk_7", "blk_x", "x", "<*>", "1.5e3", ":", "0x1f", "a/b", "-"]
+ODD_TOKENS = ["", "  ", "\t", "\n", "\r", "\r\n", "\x0b", "\x7f", "é", "٣"]
+CONTENT = st.lists(st.sampled_from(PLAIN_TOKENS * 4 + ODD_TOKENS), max_size=12).map(" ".join)
+CLOCK = st.sampled_from(["2005-06-03-15.42.50.675872", "15.42.50.67587", "123456", "1.2.123456", "a.1234567", ".",
+                         "12345", "x.123456", "123456.", "12:01:01"])
+BGL_LIKE = st.builds(
+    lambda label, stamp, date, node, clock, fields, seps, content, end: (
+        "".join(part + sep for part, sep in zip([label, stamp, date, node, clock, *fields], seps)) + content
+        + end).encode(),
+    st.sampled_from(["-"] * 6 + ["APPREAD", "KERNDTLB", "", " -"]), DIGITS,
+    st.sampled_from(["2005.06.03"] * 4 + ["2005.6.03", "2005-06-03", "2005.06.0٣", "20050603xx"]), FIELD, CLOCK,
+    st.lists(FIELD, min_size=3, max_size=5), st.lists(SEP, min_size=10, max_size=10), CONTENT,
+    st.sampled_from(["", "", "", "\n", "\r\n", " "]))
+HDFS_LIKE = st.builds(
+    lambda date, clock, pid, level, component, colon, content, end: (
+        f"{date} {clock} {pid} {level} {component}{colon}{content}{end}").encode(),
+    st.sampled_from(["081109", "081399", "080013", "080230", "080100", "991231", "0811", "08110٩"]),
+    st.sampled_from(["203615", "246199", "000000", "2036", "20361a"]), st.sampled_from(["148", "0", "", "x1"]),
+    st.sampled_from(["INFO", "WARN", "", "a b"]),
+    st.sampled_from(["dfs.DataNode$PacketResponder", "a:b", "x", "", "dfs.FSNamesystem:"]),
+    st.sampled_from([": ", ":", ":  ", ":\t", " : ", ": \n"]), CONTENT, st.sampled_from(["", "\n", "\r\n", " "]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.sampled_from(["bgl", "thunderbird", "liberty", "hdfs"]), st.sampled_from([64, 1_048_576]))
+def test_vectorized_path_on_near_misses(data: st.DataObject, fmt: str, max_bytes: int) -> None:
+    """Records built to sit on either side of the plain shapes (spacing, digits, dates, micros, months,
+    hex runs, repeated block ids, inner and trailing line breaks): the vectorized batch gives what
+    `parse` gives."""
+    values: list[bytes | None] = data.draw(st.lists(HDFS_LIKE if fmt == "hdfs" else BGL_LIKE, min_size=1,
+                                                    max_size=40))
+    times = record_times_for(len(values))
+    expected = one_by_one(LineParser(fmt, max_bytes), values, times)
+    assert batched(LineParser(fmt, max_bytes, vector_min=1), values, times, [len(values)]) == expected
+
+
+def test_hardening_inputs_through_the_vectorized_path() -> None:
+    values: list[bytes | None] = [line.encode() for line in CLOCK_AHEAD_HDFS]
+    times = record_times_for(len(values))
+    expected = one_by_one(LineParser("hdfs"), values, times)
+    assert batched(LineParser("hdfs", vector_min=1), values, times, [len(values)]) == expected
+
+
+@pytest.mark.parametrize("name,fmt", [("BGL/BGL_train_sample.log", "bgl"), ("HDFS/HDFS_train_sample.log", "hdfs"),
+                                      ("Thunderbird/Thunderbird_2k.log", "thunderbird")])
+def test_most_real_lines_take_the_vectorized_path(name: str, fmt: str) -> None:
+    """The shared samples are nearly all plain records: the kernels parse them, not the per-line fallback."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    values: list[bytes | None] = list(path.read_bytes().splitlines()[:20_000])
+    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    assert len(plain.rows) >= 0.99 * len(values)
+
+
+SAMPLE_LINES = {fmt: (SAMPLES / name).read_bytes().splitlines()[:400]
+                for fmt, name in [("hdfs", "HDFS_2k.log"), ("bgl", "BGL_2k.log")]}
+EDIT = st.sampled_from([b"", b" ", b"  ", b"\t", b"\n", b"\r", b"\xc3\xa9", b"\xd9\xa3", b"0", b"9", b":", b": ",
+                        b".", b"/", b"-", b"blk_1", b" blk_-2", b"deadbeefcafe", b"x", b"\x00", b"\xff"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["hdfs", "bgl"]), st.lists(st.tuples(st.integers(0, 399), st.integers(0, 200),
+                                                            st.integers(0, 3), EDIT), min_size=1, max_size=40))
+def test_vectorized_path_on_edited_real_lines(fmt: str, edits: list[tuple[int, int, int, bytes]]) -> None:
+    """Real lines with one edit each (a few bytes replaced by a space, a digit, a colon, a non-ASCII or
+    control character, a block id, a hex run...): most stay plain, some just stop being so."""
+    lines = SAMPLE_LINES[fmt]
+    values: list[bytes | None] = []
+    for index, at, cut, insert in edits:
+        line = lines[index % len(lines)]
+        at = min(at, len(line))
+        values.append(line[:at] + insert + line[at + cut:])
+    times = record_times_for(len(values))
+    expected = one_by_one(LineParser(fmt), values, times)
+    assert batched(LineParser(fmt, vector_min=1), values, times, [len(values)]) == expected
