@@ -8,7 +8,9 @@ of new work) already done by an earlier owner.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import heapq
 import time
 from collections.abc import Callable, Mapping
 from typing import cast
@@ -25,7 +27,7 @@ from logstream.publishing import Publisher
 from logstream.records import LogLine, Window
 from logstream.routing import BLOCKS_HEADER, COPY_HEADER
 from logstream.settings import Settings
-from logstream.windows import CountWindower
+from logstream.windows import AddResult, CountWindower, SessionWindower
 
 log = get_logger(__name__)
 
@@ -50,26 +52,31 @@ class Ingest:
         """One consumed batch: records of partitions not owned (fetched just before a revoke) are skipped.
 
         Each partition's records are taken together, in offset order: parsed in one pass
-        (`LineParser.parse_batch`), fed to its windows (count windows in one call, sessions line by
-        line), and the windows they closed handed on a scoring batch at a time. The result is what
-        handling the records one at a time gives."""
+        (`LineParser.parse_batch`), fed to its windows in one call (`CountWindower.add_batch`,
+        `SessionWindower.add_batch`), and the windows they closed handed on a scoring batch at a
+        time. The result is what handling the records one at a time gives."""
         batches: dict[TP, list[Message]] = {}
         eof_after: dict[TP, int] = {}  # partition -> its records in this batch before its end-of-partition event
-        for message in messages:
-            error = message.error()
-            tp = (message.topic(), message.partition())
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    eof_after[tp] = len(batches.get(tp, ()))
-                else:
-                    self._on_consume_error(message, error)
-                continue
-            if tp not in parts:
-                continue  # a message fetched just before its partition was revoked
-            batch = batches.get(tp)
-            if batch is None:
-                batches[tp] = batch = []
-            batch.append(message)
+        single = _one_partition(messages)
+        if single is not None:  # the common case: no events, one partition; no per-record sorting
+            if single in parts:
+                batches[single] = messages
+        else:
+            for message in messages:
+                error = message.error()
+                tp = (message.topic(), message.partition())
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        eof_after[tp] = len(batches.get(tp, ()))
+                    else:
+                        self._on_consume_error(message, error)
+                    continue
+                if tp not in parts:
+                    continue  # a message fetched just before its partition was revoked
+                batch = batches.get(tp)
+                if batch is None:
+                    batches[tp] = batch = []
+                batch.append(message)
         for tp, batch in batches.items():
             state = parts[tp]
             self._handle_records(state, batch)
@@ -103,58 +110,53 @@ class Ingest:
     def _handle_records(self, state: PartitionState, batch: list[Message]) -> None:
         """Consecutive records of one partition: position and replay counts, one parse, then the windows."""
         topic, partition = state.tp
-        first, last = batch[0].offset(), batch[-1].offset()
-        state.position = last + 1
+        offsets = list(map(Message.offset, batch))
+        state.position = offsets[-1] + 1
         state.eof = False
         if state.origin is None:
-            state.origin = first
+            state.origin = offsets[0]
         fence = state.fence
-        if first < fence:
-            state.replay_counter.inc(sum(1 for m in batch if m.offset() < fence))
+        if offsets[0] < fence:
+            state.replay_counter.inc(bisect.bisect_left(offsets, fence))
         # A multi-block line counts once, in its primary copy (see routing.route): with count windows a
         # copy is skipped before parsing, as it never reached the parser.
-        copies = [_is_copy(m) for m in batch]
-        todo = [(m, c) for m, c in zip(batch, copies) if not (c and not self.session_windows)]
-        if not todo:
+        headers = any(map(Message.headers, batch))
+        copies = [_is_copy(m) for m in batch] if headers else [False] * len(batch)
+        if headers and not self.session_windows:
+            keep = [i for i, copy in enumerate(copies) if not copy]
+            batch, offsets, copies = [batch[i] for i in keep], [offsets[i] for i in keep], [False] * len(keep)
+        if not batch:
             return
-        times = [m.timestamp()[1] / 1000.0 for m, _ in todo]
-        parsed = self.parser.parse_batch([m.value() for m, _ in todo], topic=topic, partition=partition,
-                                         offsets=[m.offset() for m, _ in todo], record_times=times)
-        closed: list[Window] = []
+        times = [stamp[1] / 1000.0 for stamp in map(Message.timestamp, batch)]
+        parsed = self.parser.parse_batch(list(map(Message.value, batch)), topic=topic, partition=partition,
+                                         offsets=offsets, record_times=times)
         if not self.session_windows:  # count windows (settings.window): the engine is a CountWindower
-            self._count_lines(state, cast(CountWindower, state.windower), todo, parsed, closed)
+            closed: list[Window] = []
+            self._count_lines(state, cast(CountWindower, state.windower), batch, parsed, closed)
+            if closed:
+                self.submit(state, closed)
         else:
-            enough = self.settings.batch_size  # a scoring batch's worth is handed on at once: the scorer starts on it
-            for (message, copy), line, record_time in zip(todo, parsed, times):
-                self._handle_line(state, message, line, record_time, copy, message.offset() < fence, closed)
-                if len(closed) >= enough:
-                    self.submit(state, closed)
-                    closed = []
-        if closed:
-            self.submit(state, closed)
+            self._session_lines(state, cast(SessionWindower, state.windower), batch, copies, parsed, times, headers)
 
-    def _count_lines(self, state: PartitionState, windower: CountWindower, todo: list[tuple[Message, bool]],
+    def _count_lines(self, state: PartitionState, windower: CountWindower, batch: list[Message],
                      parsed: list[LogLine | BadRecord], closed: list[Window]) -> None:
         """Count windows take the batch's good lines in one call (no line is ever late, unkeyed or
-        from the future there): what `_handle_line` does line by line, with the same side effects."""
+        from the future there): what `_apply` does line by line, with the same side effects."""
         fence = state.fence
-        good: list[LogLine] = []
-        for (message, _copy), line in zip(todo, parsed):  # copies never reach count windows
-            if isinstance(line, BadRecord):
-                self.metrics.parse_errors.labels(line.reason).inc()
-                if message.offset() >= fence:
-                    self.publisher.dead_letter(state, message, line.reason, line.detail)
-            else:
-                good.append(line)
+        good = [line for line in parsed if not isinstance(line, BadRecord)]
+        if len(good) < len(parsed):
+            for message, line in zip(batch, parsed):  # copies never reach count windows
+                if isinstance(line, BadRecord):
+                    self._bad_record(state, message, line, message.offset() < fence)
         if not good:
             return
-        batch = windower.add_batch(good)
+        result = windower.add_batch(good)
         state.last_line_at = time.monotonic()
-        opened = sum(1 for offset in batch.opened_at if offset >= fence)
+        opened = sum(1 for offset in result.opened_at if offset >= fence)
         if opened:
             self.metrics.windows_opened.labels(self.settings.window).inc(opened)
         suppressed: dict[int, int] = {}
-        for offset, window in batch.closed:
+        for offset, window in result.closed:
             if offset < fence:
                 suppressed[offset] = suppressed.get(offset, 0) + 1
             else:
@@ -163,25 +165,55 @@ class Ingest:
             log.warning("replayed_window_suppressed", partition=f"{state.tp[0]}/{state.tp[1]}", offset=offset,
                         windows=n)
 
-    def _handle_line(self, state: PartitionState, message: Message, line: LogLine | BadRecord, record_time: float,
-                     copy: bool, replay: bool, closed: list[Window]) -> None:
-        """One parsed record (or bad one) into its partition's windows; windows it closes go to `closed`."""
+    def _session_lines(self, state: PartitionState, windower: SessionWindower, batch: list[Message],
+                       copies: list[bool], parsed: list[LogLine | BadRecord], times: list[float],
+                       headers: bool) -> None:
+        """Session windows take the batch's good lines in one call (`SessionWindower.add_batch`); the lines
+        it lists (closed or opened a window, refused, clamped, late, unkeyed) and the bad records then get
+        their side effects in offset order, as `_apply` and `_bad_record` give them line by line, and
+        the closed windows are handed on a scoring batch at a time."""
+        good = [i for i, line in enumerate(parsed) if not isinstance(line, BadRecord)]
+        lines = cast(list[LogLine], [parsed[i] for i in good])
+        if headers:  # routed by block id: a line belongs only to the blocks routed here
+            lines = [_routed_blocks(batch[i], line) for i, line in zip(good, lines)]
+        events = windower.add_batch(lines, [times[i] for i in good])
+        if len(good) < len(parsed):  # bad records take their place among the events, in offset order
+            bad = [(i, line) for i, (line, copy) in enumerate(zip(parsed, copies))
+                   if isinstance(line, BadRecord) and not copy]  # a copy is dead-lettered from its primary
+            steps = heapq.merge(((good[k], lines[k], result) for k, result in events),
+                                ((i, line, None) for i, line in bad), key=lambda step: step[0])
+        else:
+            steps = ((good[k], lines[k], result) for k, result in events)
+        if sum(1 for _, result in events if result.future) < len(lines):
+            state.last_line_at = time.monotonic()
+        fence, enough = state.fence, self.settings.batch_size  # a scoring batch's worth is handed on at once
+        closed: list[Window] = []
+        for i, line, result in steps:
+            message = batch[i]
+            if result is None:
+                self._bad_record(state, message, cast(BadRecord, line), message.offset() < fence)
+                continue
+            self._apply(state, message, cast(LogLine, line), result, message.offset() < fence, closed)
+            if len(closed) >= enough:
+                self.submit(state, closed)
+                closed = []
+        if closed:
+            self.submit(state, closed)
+
+    def _bad_record(self, state: PartitionState, message: Message, bad: BadRecord, replay: bool) -> None:
+        """A record that is no line: counted, and dead-lettered unless an earlier owner did."""
+        self.metrics.parse_errors.labels(bad.reason).inc()
+        if not replay:
+            self.publisher.dead_letter(state, message, bad.reason, bad.detail)
+
+    def _apply(self, state: PartitionState, message: Message, line: LogLine, result: AddResult, replay: bool,
+               closed: list[Window]) -> None:
+        """The side effects of one line's session `AddResult`: future and late lines, metrics, closed windows."""
         topic, partition = state.tp
-        if isinstance(line, BadRecord):
-            if copy:
-                return  # dead-lettered once, from the primary copy
-            self.metrics.parse_errors.labels(line.reason).inc()
-            if not replay:
-                self.publisher.dead_letter(state, message, line.reason, line.detail)
-            return
-        if self.session_windows:
-            line = _routed_blocks(message, line)
-        result = state.windower.add(line, record_time)
         if result.future or result.clamped:
             self._count_future(state, message, line, result.future, replay)
             if result.future:
                 return
-        state.last_line_at = time.monotonic()
         if not replay:
             if result.opened:
                 self.metrics.windows_opened.labels(self.settings.window).inc(result.opened)
@@ -212,6 +244,16 @@ class Ingest:
         log.info("future_line", partition=f"{topic}/{partition}", offset=message.offset(), refused=refused)
         if refused:
             self.publisher.dead_letter(state, message, "future_timestamp", ahead)
+
+
+def _one_partition(messages: list[Message]) -> TP | None:
+    """The partition of a batch of records of one partition and no events (errors, ends), else None."""
+    if any(map(Message.error, messages)):
+        return None
+    topics, partitions = set(map(Message.topic, messages)), set(map(Message.partition, messages))
+    if len(topics) != 1 or len(partitions) != 1:
+        return None
+    return topics.pop(), partitions.pop()
 
 
 def _is_copy(message: Message) -> bool:

@@ -416,6 +416,69 @@ class SessionWindower:
         result.late_keys = tuple(late)
         return result
 
+    def add_batch(self, lines: Sequence[LogLine],
+                  record_times: Sequence[float | None]) -> list[tuple[int, AddResult]]:
+        """Feed consecutive lines at once: what `add` on each in turn does, in one loop.
+
+        `record_times` (Kafka timestamps, seconds) is parallel to `lines`. Returns `(index, result)`,
+        in order, for each line whose `add` result says more than "joined its windows": it closed
+        or opened a window, was refused or clamped by the event-time bound, was late or unkeyed
+        (joined none), or was replayed below the restore fence. A line not listed joined at least
+        one window and did nothing else; building no result for it is what saves the time."""
+        events: list[tuple[int, AddResult]] = []
+        bound, gap, grace, max_lines, max_open = self.bound, self.gap, self.grace, self.max_lines, self.max_open
+        open_ = self._open
+        for index, line in enumerate(lines):
+            if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
+                result = self.add(line, record_times[index])
+                if result.closed or result.opened or result.future or result.clamped or not result.joined:
+                    events.append((index, result))
+                continue
+            bound_before = None
+            clamped = False
+            if bound is not None:
+                bound_before = bound.state()
+                admitted = bound.admit(line.event_time, record_times[index])
+                if admitted is None:
+                    events.append((index, AddResult(future=True)))
+                    continue
+                if admitted != line.event_time:
+                    line = dataclasses.replace(line, event_time=admitted)
+                    clamped = True
+            self._last_offset = line.offset
+            now = line.event_time
+            closed: list[Window] = []
+            if now > self._stream_time:
+                self._stream_time = now
+                if self._expiry and self._expiry[0][0] < now:
+                    self._expire(closed)
+            late: list[str] = []
+            joined = opened = 0
+            for key in line.block_ids:
+                session = open_.get(key)
+                if session is not None and now > session.last_event + gap:
+                    closed.append(self._close(key, "gap"))
+                    session = None
+                if session is None:
+                    if now + gap + grace < self._stream_time:
+                        late.append(key)
+                        continue
+                    if len(open_) >= max_open:
+                        closed.append(self._close(next(iter(open_)), "cap"))
+                    self._generation += 1
+                    session = open_[key] = _Session(self._generation, bound_before)
+                    opened += 1
+                session.lines.append(line)
+                joined += 1
+                if now > session.last_event:
+                    session.last_event = now
+                    self._schedule(key, session)
+                if len(session.lines) >= max_lines:
+                    closed.append(self._close(key, "max_size"))
+            if closed or opened or clamped or late or not joined:
+                events.append((index, AddResult(closed, tuple(late), joined, opened, clamped=clamped)))
+        return events
+
     def flush(self) -> list[Window]:
         self.finish_restore()
         windows = [self._window(key, session, "end_of_input") for key, session in self._open.items()]

@@ -48,9 +48,13 @@ class RecordingPublisher:
         self.sent.append((state.tp, message.offset(), reason, detail))
 
 
-def records(fmt: str) -> list[Message]:
-    """Two partitions of sample lines, interleaved in runs, with bad records, copies and end events."""
+def records(fmt: str, skewed: bool = False) -> list[Message]:
+    """Two partitions of sample lines, interleaved in runs, with bad records, copies and end events;
+    `skewed`: some HDFS lines from a clock days ahead (refused or clamped) or behind (late)."""
     lines = (SAMPLES / ("HDFS_2k.log" if fmt == "hdfs" else "BGL_2k.log")).read_bytes().splitlines()
+    if skewed:
+        lines = [b"081113" + line[6:] if i % 37 == 11 else b"081101" + line[6:] if i % 59 == 23 else line
+                 for i, line in enumerate(lines)]
     out: list[Message] = []
     offsets = {0: 0, 1: 0}
     for i, line in enumerate(lines):
@@ -70,8 +74,8 @@ def records(fmt: str) -> list[Message]:
     return out
 
 
-def run(fmt: str, kind: str, messages: list[Message], sizes: list[int]) -> dict[str, Any]:
-    settings = Settings(input_topic=["raw"], format=fmt, window=kind, window_size=20, window_stride=10)
+def run(fmt: str, kind: str, messages: list[Message], sizes: list[int], **options: Any) -> dict[str, Any]:
+    settings = Settings(input_topic=["raw"], format=fmt, window=kind, window_size=20, window_stride=10, **options)
     metrics = Metrics()
     dead_letters = DeadLetterWatch(metrics, fmt, kind)
     publisher = RecordingPublisher(dead_letters, metrics)
@@ -111,3 +115,16 @@ def test_consume_batches_give_what_single_records_give(fmt: str, kind: str) -> N
     assert one_by_one["submitted"] and one_by_one["dead_letters"]
     for sizes in ([500], [37, 1, 250], [len(messages)]):
         assert run(fmt, kind, messages, sizes) == one_by_one
+
+
+@pytest.mark.parametrize("policy", ["dead-letter", "clamp"])
+def test_session_batches_with_skewed_clocks(policy: str) -> None:
+    """Lines from clocks days ahead (the event-time bound refuses or clamps them) and behind (late for
+    their blocks), small session caps: consume batches still give what single records give."""
+    messages = records("hdfs", skewed=True)
+    options = {"future_policy": policy, "session_max_open": 40, "session_max_lines": 6}
+    one_by_one = run("hdfs", "session", messages, [1], **options)
+    reasons = {item[2] for item in one_by_one["dead_letters"]}
+    assert ("future_timestamp" in reasons) == (policy == "dead-letter") and "late" in reasons
+    for sizes in ([500], [37, 1, 250], [len(messages)]):
+        assert run("hdfs", "session", messages, sizes, **options) == one_by_one
