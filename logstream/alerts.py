@@ -13,6 +13,7 @@ Counts (`distinct_templates`, each template's `count`, `window.size`) always sta
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from datetime import datetime, timezone
@@ -62,11 +63,20 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# Event times repeat across the windows of a stream (a busy second names many lines): their text is kept.
+_event_iso = functools.lru_cache(maxsize=8192)(_iso)
+
+
+def now_iso() -> str:
+    """The current time as an alert's `created_at` text (ISO 8601, UTC, `Z`)."""
+    return _iso(time.time())
+
+
 def _event_time(window: Window) -> dict[str, Any]:
     """First and last event time, and (when any) how many lines had no time of their own: inherited
     from an earlier line of the partition, or the Kafka record's (see `LogLine.time_source`)."""
     times = [line.event_time for line in window.lines]
-    result: dict[str, Any] = {"first": _iso(min(times)), "last": _iso(max(times))}
+    result: dict[str, Any] = {"first": _event_iso(min(times)), "last": _event_iso(max(times))}
     inherited = record = 0
     for line in window.lines:
         if line.time_source != "line":
@@ -116,8 +126,12 @@ def representative_lines(
     return [_clip({"offset": line.offset, "line": line.raw}, "line", MAX_LINE_CHARS) for line in picked]
 
 
-def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_version: str) -> dict[str, Any]:
-    """The alert document (see the schema); one pass over the lines for counts, samples and times."""
+def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_version: str,
+                created_at: str | None = None) -> dict[str, Any]:
+    """The alert document (see the schema); one pass over the lines for counts, samples and times.
+
+    `created_at`: the creation time text (`now_iso()`) that a batch of alerts built together shares
+    (default: now)."""
     index = _index_templates(window)
     counts = index[0]
     # most frequent first, ties in first-occurrence order (what Counter.most_common gives)
@@ -153,7 +167,7 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
         "distinct_templates": len(counts),
         "sample_lines": samples,
         "evidence": [dict(item) for item in verdict.evidence],
-        "created_at": _iso(time.time()),
+        "created_at": now_iso() if created_at is None else created_at,
     }
     if truncated:
         alert["truncated"] = truncated

@@ -8,7 +8,7 @@ into the open transaction; outputs issued after a pending cut are held until tha
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ import orjson
 from confluent_kafka import KafkaError, Message
 
 from logstream import __version__
-from logstream.alerts import OutputTooLarge, build_alert, encode_alert, severity
+from logstream.alerts import OutputTooLarge, build_alert, encode_alert, now_iso, severity
 from logstream.checkpoint import CommitPolicy, PartitionCut
 from logstream.deadletters import DeadLetterWatch
 from logstream.detectors.base import Detector
@@ -82,8 +82,22 @@ class Publisher:
 
     # --- what to publish ------------------------------------------------------------------------
 
-    def publish_result(self, result: ScoreResult) -> None:
-        """A scored window: an alert (or nothing for a normal one, by --emit), or a detector_error dead letter."""
+    def publish_results(self, results: Sequence[ScoreResult]) -> None:
+        """Scored windows, in order: for each an alert (or nothing for a normal one, by --emit) or a
+        detector_error dead letter. What a batch shares is done once: its alerts carry one creation
+        time, and the verdict counters are raised once per label."""
+        if not results:
+            return
+        created_at = now_iso()
+        verdicts = {"anomalous": 0, "normal": 0}
+        for result in results:
+            self._publish(result, created_at, verdicts)
+        for label, n in verdicts.items():
+            if n:
+                self.metrics.verdicts.labels(label).inc(n)
+
+    def _publish(self, result: ScoreResult, created_at: str, verdicts: dict[str, int]) -> None:
+        """One scored window (see `publish_results`); its verdict is counted in `verdicts`."""
         job = result.job
         window = job.window
         state = self.parts.get((window.topic, window.partition))
@@ -100,11 +114,11 @@ class Publisher:
                                             result.error or "")))
             self.metrics.dlq_records.labels("detector_error").inc()
             return
-        self.metrics.verdicts.labels("anomalous" if result.verdict.anomalous else "normal").inc()
+        verdicts["anomalous" if result.verdict.anomalous else "normal"] += 1
         if not result.verdict.anomalous and self.settings.emit == "anomalous":
             state.ledger.complete(job.seq)  # judged normal: nothing to publish
             return
-        alert = build_alert(window, result.verdict, self.detector.name, self.detector.version)
+        alert = build_alert(window, result.verdict, self.detector.name, self.detector.version, created_at)
         try:
             value, truncated = encode_alert(alert, self.limits.alert)
         except OutputTooLarge as exc:
