@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from logstream.masking import MASK, block_ids, mask
+from logstream.masking import BLOCK_ID, MASK, block_ids, mask
 
 # Characters a plain record may hold: printable ASCII, space, tab and (inside) newline.
 _BODY = r"(?:[\t\n -~]*[\t -~])?[\r\n]*"  # a run of them not ending with a newline, then line terminators
@@ -106,8 +106,9 @@ class ArrowBatchParser:
         """Parse the plain records among `values` (None: a record without a value, never plain)."""
         data = pa.array(values, pa.binary())
         plain = pc.match_substring_regex(data, self._layout.plain)
-        if self.max_line_bytes < max((len(v) for v in values if v is not None), default=0):
-            plain = pc.and_(plain, pc.less_equal(pc.binary_length(data), self.max_line_bytes))
+        lengths = pc.binary_length(data)
+        if (pc.max(lengths).as_py() or 0) > self.max_line_bytes:
+            plain = pc.and_(plain, pc.less_equal(lengths, self.max_line_bytes))
         plain = pc.fill_null(plain, False)
         count = pc.sum(plain).as_py() or 0
         if count == 0:
@@ -178,7 +179,12 @@ def _templates(content: pa.StringArray) -> list[str]:
 
 
 def _blocks(text: pa.StringArray, raw: list[str]) -> list[tuple[str, ...]]:
-    """`masking.block_ids` of each line (a batch naming no `blk_` at all skips the calls)."""
+    """`masking.block_ids` of each line: its matches in order, a line naming a block twice through the
+    function itself (a batch naming no `blk_` at all skips the search)."""
     if not pc.any(pc.match_substring(text, "blk_")).as_py():
         return [()] * len(raw)
-    return [block_ids(line) for line in raw]
+    found = list(map(BLOCK_ID.findall, raw))
+    blocks = list(map(tuple, found))
+    for row in [row for row, ids in enumerate(found) if len(ids) > 1]:
+        blocks[row] = block_ids(raw[row])
+    return blocks

