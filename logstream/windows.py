@@ -439,14 +439,23 @@ class SessionWindower:
             bound_before: list[Any] | None = None
             clamped = False
             if bound is not None:
-                before = (bound.stream_time, bound.stream_record_time, bound.run)
-                admitted = bound.admit(line.event_time, record_times[index])
-                if admitted is None:
-                    events.append((index, AddResult(future=True)))
-                    continue
-                if admitted != line.event_time:
-                    line = dataclasses.replace(line, event_time=admitted)
-                    clamped = True
+                stream = bound.stream_time
+                before = (stream, bound.stream_record_time, bound.run)
+                if stream != _NO_TIME and line.event_time <= stream + bound.max_future:
+                    # within the bound before any record-time allowance: what `admit` does, without the call
+                    bound.run = 0
+                    if line.event_time > stream:
+                        record_time = record_times[index]
+                        bound.stream_time = line.event_time
+                        bound.stream_record_time = None if record_time is not None and record_time <= 0 else record_time
+                else:
+                    admitted = bound.admit(line.event_time, record_times[index])
+                    if admitted is None:
+                        events.append((index, AddResult(future=True)))
+                        continue
+                    if admitted != line.event_time:
+                        line = dataclasses.replace(line, event_time=admitted)
+                        clamped = True
             self._last_offset = line.offset
             now = line.event_time
             closed: list[Window] = []
