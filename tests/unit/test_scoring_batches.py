@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from logstream.detectors.null import NullDetector
@@ -47,5 +48,33 @@ def test_submit_many_scores_in_submission_order_in_full_batches() -> None:
         assert collect(worker, 41) == list(range(41))
         assert sum(detector.batches) == 41 and max(detector.batches) == 16
         assert detector.batches[:2] == [16, 16]  # woken once for the 40, and they were all there
+    finally:
+        worker.stop()
+
+
+class GatedDetector(NullDetector):
+    """The null detector, scoring only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def score(self, windows: list[Window]) -> list[Verdict]:
+        self.gate.wait(10.0)
+        return super().score(windows)
+
+
+def test_wait_below_returns_once_the_scorer_worked_the_queue_down() -> None:
+    """The poll loop's pause grace (`pipeline.PAUSE_GRACE_S`): results waiting to be collected do not count."""
+    detector = GatedDetector()
+    worker = ScoringWorker(detector, batch_size=4, max_wait_s=0.0)
+    worker.start()
+    try:
+        worker.submit_many([ScoreJob(window(i), 0, i) for i in range(12)])
+        assert not worker.wait_below(12, 0.1)  # the detector is stuck on its first batch: still 12 in flight
+        detector.gate.set()
+        assert worker.wait_below(1, 5.0)
+        assert worker.in_flight == 12  # all scored, none collected yet
+        assert collect(worker, 12) == list(range(12))
     finally:
         worker.stop()
