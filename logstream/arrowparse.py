@@ -3,9 +3,9 @@
 `LineParser.parse_batch` hands the records of a fixed-header format (HDFS, BGL, Thunderbird,
 Liberty) here first. One kernel call finds the batch's *plain* records: ASCII text of the format's
 exact header shape, with only printable characters, spaces, tabs and inner newlines (line
-terminators only at the end), and no more than the record size limit. For a plain record every step of the
-per-line parser (`logstream.parsing`) is a fixed function of its bytes that a kernel computes for
-the whole batch at once:
+terminators only at the end), and no more than the record size limit. For a plain record every
+step of the per-line parser (`logstream.parsing`) is a fixed function of its bytes that a kernel
+computes for the whole batch at once:
 
 - decoding is the identity (ASCII) less the line terminators at the end, and no check of
   `decode_record` can fail;

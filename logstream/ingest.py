@@ -140,8 +140,10 @@ class Ingest:
 
     def _count_lines(self, state: PartitionState, windower: CountWindower, batch: list[Message],
                      parsed: list[LogLine | BadRecord], closed: list[Window]) -> None:
-        """Count windows take the batch's good lines in one call (no line is ever late, unkeyed or
-        from the future there): what `_apply` does line by line, with the same side effects."""
+        """Count windows take the batch's good lines in one call (`CountWindower.add_batch`; no line is
+        ever late, unkeyed or from the future there), with the side effects `add` on each line would
+        have: bad records counted and dead-lettered in place, windows opened counted, windows closed
+        below the replay fence suppressed."""
         fence = state.fence
         good = [line for line in parsed if not isinstance(line, BadRecord)]
         if len(good) < len(parsed):
