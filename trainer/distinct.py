@@ -48,7 +48,7 @@ def distinct_windows(windows: Sequence[LabeledWindow], max_messages: int,
     return [(templates, label, count, first) for templates, label, count, first in groups.values()]
 
 
-def class_weights(anomalous: int, normal: int, beta: float) -> dict[bool, float]:
+def class_weights(anomalous: float, normal: float, beta: float) -> dict[bool, float]:
     """Per-window weight of each class so the minority holds at least `beta` of the total weight.
 
     The majority keeps weight 1; the minority gets `beta/(1-beta) * majority/minority` when it is
@@ -66,11 +66,18 @@ def class_weights(anomalous: int, normal: int, beta: float) -> dict[bool, float]
 
 
 def weighted_distinct(windows: Sequence[LabeledWindow], max_messages: int, beta: float,
-                      view: MessageView = "lines") -> list[DistinctWindow]:
-    """The distinct windows of `windows`, each weighted by count x class weight (see the module docstring)."""
+                      view: MessageView = "lines", count_power: float = 1.0) -> list[DistinctWindow]:
+    """The distinct windows of `windows`, each weighted by count ** `count_power` x class weight.
+
+    `count_power` 1 is the stream's own objective (a window counts as often as it occurs); below 1 a
+    rare sequence weighs more against a frequent one of its class (0: every distinct window alike),
+    so a normal pattern seen twice is not drowned by one seen a thousand times. The class weights
+    act on the tempered totals. ValueError outside [0, 1]."""
+    if not 0.0 <= count_power <= 1.0:
+        raise ValueError(f"count_power must be in [0, 1], got {count_power}")
     groups = distinct_windows(windows, max_messages, view)
-    anomalous = sum(count for _, label, count, _ in groups if label)
-    normal = sum(count for _, label, count, _ in groups if not label)
+    anomalous = sum(count ** count_power for _, label, count, _ in groups if label)
+    normal = sum(count ** count_power for _, label, count, _ in groups if not label)
     weights = class_weights(anomalous, normal, beta)
-    return [DistinctWindow(templates, label, count, count * weights[label], first)
+    return [DistinctWindow(templates, label, count, count ** count_power * weights[label], first)
             for templates, label, count, first in groups]

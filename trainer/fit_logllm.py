@@ -176,6 +176,7 @@ class FitConfig:
     bf16: bool = False
     view: MessageView = "lines"
     freeze_encoder: bool = False
+    count_power: float = 1.0
 
     def trains(self, stage: str) -> dict[str, bool]:
         """What `stage` updates in this run: the stage table, with BERT's LoRA kept frozen under --freeze-encoder."""
@@ -198,7 +199,7 @@ def upgrade_run_config(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_set(train: Sequence[LabeledWindow], beta: float, max_messages: int,
-                 view: MessageView = "lines") -> list[DistinctWindow]:
+                 view: MessageView = "lines", count_power: float = 1.0) -> list[DistinctWindow]:
     """The distinct train windows, weighted (minority class at `beta` of the weight); both classes required."""
     counts = summarize(train)
     if counts["anomalous"] == 0 or counts["normal"] == 0:
@@ -206,7 +207,7 @@ def training_set(train: Sequence[LabeledWindow], beta: float, max_messages: int,
         raise FitError(f"the train split has no {missing} window ({counts['windows']} windows): LogLLM is a "
                        "classifier and needs both classes (raise --max-windows, use more data, or train the "
                        "unsupervised detector with fit-logllama)")
-    return weighted_distinct(train, max_messages, beta, view)
+    return weighted_distinct(train, max_messages, beta, view, count_power)
 
 
 LENGTH_POOL = 16  # micro-batches per pool of similar-length windows (`epoch_order`)
@@ -390,7 +391,7 @@ class Trainer:
                            train_fraction=c.train_fraction, max_windows=c.max_windows, **c.window)
         fit_train, validation = carve_validation(split.train, c.validation_fraction,
                                                  chronological=c.dataset in CHRONOLOGICAL, seed=c.seed)
-        stream = training_set(fit_train, c.beta, c.max_messages, c.view)
+        stream = training_set(fit_train, c.beta, c.max_messages, c.view, c.count_power)
         probe = probe_set(stream, c.probe_windows, c.beta, c.seed)
         weight = sum(w.weight for w in stream)
         stats = {
@@ -760,6 +761,10 @@ def add_parser(subparsers: Any) -> None:
     data.add_argument("--train-fraction", type=float, default=0.8, help="share of the dump used for training")
     data.add_argument("--beta", type=float, default=0.3,
                       help="minority class share of the training weight (oversampling on weights)")
+    data.add_argument("--count-power", type=float, default=1.0,
+                      help="a distinct training window weighs count**P (1: as often as it occurs, the stream's "
+                           "objective; 0.5: a normal pattern seen twice is not drowned by one seen a thousand "
+                           "times; 0: all distinct windows alike)")
     data.add_argument("--validation-fraction", type=float, default=0.2,
                       help="share of the train split held out to pick the stage and the threshold (0: none; "
                            "the threshold then falls back to 0.5)")
@@ -825,6 +830,8 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         raise FitError("--lr-gamma must be in (0, 1]")
     if args.probe_windows < 0:
         raise FitError("--probe-windows must be 0 or more")
+    if not 0.0 <= args.count_power <= 1.0:
+        raise FitError("--count-power must be between 0 and 1")
     if not 0.0 <= args.validation_fraction < 1.0:
         raise FitError("--validation-fraction must be at least 0 and below 1")
     if args.llm_layers is not None and args.llm_layers < 1:
@@ -851,7 +858,7 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         stage1_samples=args.stage1_samples, lr_gamma=args.lr_gamma, lr_decay_every=args.lr_decay_every,
         probe_windows=args.probe_windows, validation_fraction=args.validation_fraction, llm_layers=args.llm_layers,
         bf16=bool(args.bf16) and device.type == "cpu", view=args.view,
-        freeze_encoder=bool(args.freeze_encoder),
+        freeze_encoder=bool(args.freeze_encoder), count_power=args.count_power,
     )
 
 

@@ -58,3 +58,24 @@ def test_the_shipped_artifact_scores_real_windows_with_its_stored_threshold(
     assert average_precision(labels, [v.score for v in verdicts]) >= 0.8, [(v.score, y) for v, y in
                                                                          zip(verdicts, labels)]
     assert any(v.anomalous for v, y in zip(verdicts, labels) if y)
+
+
+@pytest.mark.slow
+def test_the_hdfs_artifact_names_real_lines_as_evidence(model_cache_dir: Path) -> None:
+    """Evidence of an artifact whose view is not the lines themselves (HDFS: `counts`, "<k> x <message>")
+    names the window's masked messages, their first line and their count, never the view's text."""
+    batch, labels = hdfs_windows()
+    detector = LogLLMDetector.from_settings(Settings(detector="logllm", model=SAMPLES / "logllm-hdfs",
+                                                     cache_dir=model_cache_dir, logllm_evidence="occlusion"))
+    try:
+        verdicts = detector.score([w for w, y in zip(batch, labels) if y])
+    finally:
+        detector.close()
+    flagged = [(w, v) for w, v in zip([w for w, y in zip(batch, labels) if y], verdicts) if v.anomalous]
+    assert flagged
+    for window, verdict in flagged:
+        assert verdict.evidence
+        for item in verdict.evidence:
+            assert item["template"] in window.templates
+            assert window.lines[item["line"]].template == item["template"]
+            assert item["count"] == window.templates.count(item["template"])

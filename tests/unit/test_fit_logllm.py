@@ -78,6 +78,18 @@ def test_repeated_windows_are_one_example_with_their_count() -> None:
     assert [item.templates for item in distinct] == [("m0",), ("m1",), ("m2",), ("m3",), ("m4",)]  # first seen
 
 
+def test_count_power_tempers_how_much_a_frequent_window_outweighs_a_rare_one() -> None:
+    """count ** P per distinct window, the class weights on the tempered totals (minority still at beta)."""
+    train = windows(2, 3) + windows(2, 3)[2:3] * 15  # anomalous m0, m1 once; normal m2 x16, m3 x1, m4 x1
+    for power, ratio, share in ((1.0, 16.0, 0.3), (0.5, 4.0, 0.3), (0.0, 1.0, 0.4)):  # 2 of 5 alike: not raised
+        distinct = {item.templates: item for item in training_set(train, 0.3, 128, count_power=power)}
+        assert distinct[("m2",)].weight / distinct[("m3",)].weight == pytest.approx(ratio)
+        total = sum(item.weight for item in distinct.values())
+        assert sum(item.weight for item in distinct.values() if item.label) / total == pytest.approx(share)
+    with pytest.raises(ValueError, match="count_power"):
+        training_set(train, 0.3, 128, count_power=1.5)
+
+
 def test_a_train_split_with_one_class_is_refused_with_a_reason() -> None:
     with pytest.raises(FitError, match="no anomalous window"):
         training_set(windows(0, 20), beta=0.3, max_messages=128)
