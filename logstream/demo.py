@@ -15,11 +15,15 @@ import itertools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 from logstream.broker import EmbeddedBroker
+from logstream.kafka import client_config
 from logstream.logs import configure_logging
 from logstream.parsing import block_ids
 from logstream.pipeline import Pipeline
@@ -29,6 +33,9 @@ from logstream.tail import tail_alerts
 
 RAW_TOPIC = "demo.logs.raw"
 ALERTS_TOPIC = "demo.logs.alerts"
+WINDOW_LINES = 100  # the BGL demo's count windows
+DEMO_WAIT_S = 600.0  # longest wait for the consumer to judge the sample before the summary
+DRAIN_S = 2.0  # after the sample is judged: quiet this long on the alerts topic and the tail stops
 
 
 def sample_path(name: str) -> Path:
@@ -84,6 +91,65 @@ def _hdfs_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]
         for text in itertools.islice(handle, lines):
             blocks.update(block for block in block_ids(text) if block in labels)
     return len(blocks), {block for block in blocks if labels[block]}
+
+
+def wait_committed(bootstrap_servers: str, group: str, topic: str, target: int, timeout_s: float,
+                   alive: Callable[[], bool]) -> bool:
+    """Block until `group`'s committed offsets on `topic` add up to `target` (True), or `timeout_s` passes
+    or the consumer stops (`alive()` false) first (False).
+
+    The consumer commits a line's offset in the transaction that publishes the alerts of the windows
+    before it, so a commit at `target` means every window ending before it is judged and published.
+    Reads committed offsets only: the throwaway client never joins the group."""
+    consumer = Consumer({**client_config(bootstrap_servers), "group.id": group, "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout_s
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+        while time.monotonic() < deadline and alive():
+            committed = consumer.committed(partitions, timeout=10)
+            if sum(max(tp.offset, 0) for tp in committed) >= target:
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        consumer.close()
+
+
+class AlertTail:
+    """Prints the demo's alerts as they arrive, on its own thread, until `finish`.
+
+    The demo does not stop at a quiet spell (on a busy CPU the LLM can be silent for longer than any
+    fixed idle time): it stops once the consumer has judged the sample and no alert came for
+    `DRAIN_S` after that. An error of the tail (e.g. the broker gone) is raised by `finish`."""
+
+    def __init__(self, bootstrap_servers: str, on_alert: Callable[[dict[str, Any]], None]) -> None:
+        self._stop = threading.Event()
+        self._result: list[int] = []
+        self._error: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                self._result.append(tail_alerts(bootstrap_servers, ALERTS_TOPIC, stop=self._stop,
+                                                from_beginning=True, on_alert=on_alert))
+            except BaseException as exc:  # re-raised on the demo's thread by finish()
+                self._error.append(exc)
+
+        self._thread = threading.Thread(target=follow, name="logstream-demo-tail", daemon=True)
+        self._thread.start()
+
+    def finish(self, count: Callable[[], int]) -> int:
+        """Wait until `count()` (alerts so far) stays put for DRAIN_S, stop the tail; returns alerts printed."""
+        last, quiet_since = count(), time.monotonic()
+        while time.monotonic() - quiet_since < DRAIN_S and self._thread.is_alive():
+            time.sleep(0.2)
+            if count() != last:
+                last, quiet_since = count(), time.monotonic()
+        self._stop.set()
+        self._thread.join(30)
+        if self._error:
+            raise self._error[0]
+        return self._result[0] if self._result else count()
 
 
 def _summary(dataset: DemoDataset, lines: int | None, alerted: list[str], seen: int, seconds: float) -> str:
@@ -147,10 +213,12 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int | N
         pipeline = Pipeline(settings, scorer, stop_event=stop)
         consumer_thread = threading.Thread(target=pipeline.run, name="logstream-demo-consumer", daemon=True)
 
+        sent: list[int] = []
+
         def feed() -> None:
-            sent = produce_file(bootstrap_servers=broker.bootstrap_servers, topic=RAW_TOPIC,
-                                path=sample_path(chosen.sample), rate=400.0, limit=lines)
-            print(f"streamed {sent} {dataset.upper()} lines into {RAW_TOPIC}", file=sys.stderr)
+            sent.append(produce_file(bootstrap_servers=broker.bootstrap_servers, topic=RAW_TOPIC,
+                                     path=sample_path(chosen.sample), rate=400.0, limit=lines))
+            print(f"streamed {sent[0]} {dataset.upper()} lines into {RAW_TOPIC}", file=sys.stderr)
 
         feeder = threading.Thread(target=feed, name="logstream-demo-feed", daemon=True)
         feeder.start()
@@ -159,16 +227,25 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int | N
         consumer_thread.start()
         print(f"printing alerts from {ALERTS_TOPIC} as they arrive (detector: {detector}, dataset: {dataset})",
               file=sys.stderr)
-        tail_stop = threading.Event()
         started = time.monotonic()
         alerted: list[str] = []
 
         def identify(alert: dict[str, Any]) -> None:
             alerted.append(str(alert["window"]["key"] if once else alert["source"]["first_offset"]))
 
-        seen = tail_alerts(broker.bootstrap_servers, ALERTS_TOPIC, stop=tail_stop, from_beginning=True,
-                           idle_exit_s=30.0,  # the LLM judges a batch in seconds on CPU
-                           on_alert=identify)
+        tail = AlertTail(broker.bootstrap_servers, identify)
+        feeder.join()
+        if once:  # `run --once`: returns once every session is closed, judged, published and committed
+            consumer_thread.join(DEMO_WAIT_S)
+            finished = not consumer_thread.is_alive()
+        else:  # live: the complete windows are judged once the group's commit reaches the last of their lines
+            complete = (sent[0] // WINDOW_LINES) * WINDOW_LINES if sent else 0
+            finished = wait_committed(broker.bootstrap_servers, str(options["group_id"]), RAW_TOPIC, complete,
+                                      DEMO_WAIT_S, consumer_thread.is_alive)
+        if not finished:
+            print(f"logstream demo: the consumer had not judged the whole sample after {DEMO_WAIT_S:.0f}s; "
+                  "the figures below count the alerts so far", file=sys.stderr)
+        seen = tail.finish(lambda: len(alerted))
         stop.set()
         consumer_thread.join(60)
         print(_summary(chosen, lines, alerted, seen, time.monotonic() - started), file=sys.stderr)
