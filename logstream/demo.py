@@ -28,12 +28,11 @@ from logstream.logs import configure_logging
 from logstream.parsing import block_ids
 from logstream.pipeline import Pipeline
 from logstream.producer import create_topic, produce_file
-from logstream.settings import Settings
+from logstream.settings import WINDOW_SIZE, Settings
 from logstream.tail import tail_alerts
 
 RAW_TOPIC = "demo.logs.raw"
 ALERTS_TOPIC = "demo.logs.alerts"
-WINDOW_LINES = 100  # the BGL demo's count windows
 DEMO_WAIT_S = 600.0  # longest wait for the consumer to judge the sample before the summary
 DRAIN_S = 2.0  # after the sample is judged: quiet this long on the alerts topic and the tail stops
 
@@ -67,14 +66,15 @@ def _bgl_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]:
     """Windows of the first `lines` BGL sample lines, and the ids of those holding an alert-tagged line.
 
     The demo's raw topic is fresh and has one partition, so line i of the sample is offset i and the
-    100-line window k starts at offset 100 k; a window is identified by its first offset.
+    100-line (`WINDOW_SIZE`, the consumer's default) window k starts at offset 100 k; a window is
+    identified by its first offset.
     """
     windows, anomalous = 0, set()
     with sample_path(dataset.sample).open("rb") as handle:
         for number, raw in enumerate(itertools.islice(handle, lines)):  # lines None: the whole sample
-            windows = number // 100 + 1
+            windows = number // WINDOW_SIZE + 1
             if not raw.startswith(b"- "):
-                anomalous.add(str(number // 100 * 100))
+                anomalous.add(str(number // WINDOW_SIZE * WINDOW_SIZE))
     return windows, anomalous
 
 
@@ -125,13 +125,11 @@ class AlertTail:
 
     def __init__(self, bootstrap_servers: str, on_alert: Callable[[dict[str, Any]], None]) -> None:
         self._stop = threading.Event()
-        self._result: list[int] = []
         self._error: list[BaseException] = []
 
         def follow() -> None:
             try:
-                self._result.append(tail_alerts(bootstrap_servers, ALERTS_TOPIC, stop=self._stop,
-                                                from_beginning=True, on_alert=on_alert))
+                tail_alerts(bootstrap_servers, ALERTS_TOPIC, stop=self._stop, from_beginning=True, on_alert=on_alert)
             except BaseException as exc:  # re-raised on the demo's thread by finish()
                 self._error.append(exc)
 
@@ -139,7 +137,8 @@ class AlertTail:
         self._thread.start()
 
     def finish(self, count: Callable[[], int]) -> int:
-        """Wait until `count()` (alerts so far) stays put for DRAIN_S, stop the tail; returns alerts printed."""
+        """Wait until `count()` (alerts so far: `on_alert` is called once per alert printed) stays put for
+        DRAIN_S, stop the tail; returns `count()`."""
         last, quiet_since = count(), time.monotonic()
         while time.monotonic() - quiet_since < DRAIN_S and self._thread.is_alive():
             time.sleep(0.2)
@@ -149,14 +148,14 @@ class AlertTail:
         self._thread.join(30)
         if self._error:
             raise self._error[0]
-        return self._result[0] if self._result else count()
+        return count()
 
 
 def _summary(dataset: DemoDataset, lines: int | None, alerted: list[str], seen: int, seconds: float) -> str:
     """The closing line: alerts against the sample's own labels, with precision and recall."""
     if dataset.name == "bgl":
         windows, anomalous = _bgl_truth(dataset, lines)
-        unit, marked, holds = "windows", "with an alert-tagged line", "windows of 100 lines"
+        unit, marked, holds = "windows", "with an alert-tagged line", f"windows of {WINDOW_SIZE} lines"
         kind = "with an alert-tagged (anomalous) line"
     else:
         windows, anomalous = _hdfs_truth(dataset, lines)
@@ -239,7 +238,7 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int | N
             consumer_thread.join(DEMO_WAIT_S)
             finished = not consumer_thread.is_alive()
         else:  # live: the complete windows are judged once the group's commit reaches the last of their lines
-            complete = (sent[0] // WINDOW_LINES) * WINDOW_LINES if sent else 0
+            complete = (sent[0] // WINDOW_SIZE) * WINDOW_SIZE if sent else 0
             finished = wait_committed(broker.bootstrap_servers, str(options["group_id"]), RAW_TOPIC, complete,
                                       DEMO_WAIT_S, consumer_thread.is_alive)
         if not finished:

@@ -139,7 +139,7 @@ def model_view(messages: Sequence[str], max_messages: int, view: MessageView) ->
         counts = Counter(messages)
         sequence = [f"{counts[m]}{_COUNT_SEPARATOR}{m}" for m in counts]  # Counter keeps first-appearance order
     else:
-        raise ValueError(f"unknown message view {view!r}; choose one of {', '.join(MESSAGE_VIEWS)}")
+        raise _unknown_view(view)
     return sequence[-max_messages:]
 
 
@@ -156,8 +156,12 @@ def view_template(element: str, view: MessageView) -> str:
 def check_view(view: str) -> MessageView:
     """A message view name, checked (ValueError names the choices)."""
     if view not in MESSAGE_VIEWS:
-        raise ValueError(f"unknown message view {view!r}; choose one of {', '.join(MESSAGE_VIEWS)}")
+        raise _unknown_view(view)
     return view  # type: ignore[return-value]
+
+
+def _unknown_view(view: str) -> ValueError:
+    return ValueError(f"unknown message view {view!r}; choose one of {', '.join(MESSAGE_VIEWS)}")
 
 
 def check_threshold(threshold: float) -> float:
