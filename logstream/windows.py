@@ -58,6 +58,14 @@ _NO_TIME = float("-inf")
 FuturePolicy = Literal["dead-letter", "clamp"]
 
 
+def _bound_state(before: tuple[float, float | None, int] | None) -> list[Any] | None:
+    """`EventTimeBound.state()` from a tuple of its three numbers (None: no bound)."""
+    if before is None:
+        return None
+    stream_time, record_time, run = before
+    return [None if stream_time == _NO_TIME else stream_time, record_time, run]
+
+
 @dataclass(slots=True)
 class AddResult:
     """What feeding one line did: windows it closed and opened, block ids it was late for, windows joined."""
@@ -114,7 +122,15 @@ class EventTimeBound:
         """The event time the line enters the windows with, or None when it is refused."""
         if record_time is not None and record_time <= 0:
             record_time = None
-        if self.stream_time == _NO_TIME:
+        stream = self.stream_time
+        if stream != _NO_TIME and event_time <= stream + self.max_future:
+            # the common case, within the bound before any record-time allowance (the reference is >= S)
+            self.run = 0
+            if event_time > stream:
+                self.stream_time = event_time
+                self.stream_record_time = record_time
+            return event_time
+        if stream == _NO_TIME:
             self._advance(event_time, record_time)
             return event_time
         reference = self.stream_time
@@ -155,7 +171,105 @@ class Windower(Protocol):
     Not thread-safe: owned by the poll loop (consumer) or the dump reader (trainer). No call blocks."""
 
     def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
-        """Feed the next line of the partition (offsets increase); `record_time`: its Kafka timestamp, seconds."""
+        before = self._bound_before()
+        admitted = self._admit(line, record_time)
+        if admitted is None:
+            return AddResult(future=True)
+        line, clamped = admitted
+        self._last_offset = line.offset
+        if self._restoring is not None:
+            if line.offset < self._fence:
+                self._replay(line, _bound_state(before))
+                return AddResult()
+            self.finish_restore()
+        result = self._join(line, before, clamped)
+        # a line that only joined its windows joined one per block id (none was late)
+        return result if result is not None else AddResult(joined=len(line.block_ids))
+
+    def add_batch(self, lines: Sequence[LogLine],
+                  record_times: Sequence[float | None]) -> list[tuple[int, AddResult]]:
+        """Feed consecutive lines at once: what `add` on each in turn does.
+
+        `record_times` (Kafka timestamps, seconds) is parallel to `lines`. Returns `(index, result)`,
+        in order, for each line whose `add` result says more than "joined its windows": it closed
+        or opened a window, was refused or clamped by the event-time bound, was late or unkeyed
+        (joined none), or was replayed below the restore fence. A line not listed joined at least
+        one window and did nothing else; building no result for it is what saves the time."""
+        events: list[tuple[int, AddResult]] = []
+        for index, line in enumerate(lines):
+            if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
+                result = self.add(line, record_times[index])
+                if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
+                        not result.joined:
+                    events.append((index, result))
+                continue
+            before = self._bound_before()
+            admitted = self._admit(line, record_times[index])
+            if admitted is None:
+                events.append((index, AddResult(future=True)))
+                continue
+            line, clamped = admitted
+            self._last_offset = line.offset
+            joined = self._join(line, before, clamped)
+            if joined is not None:
+                events.append((index, joined))
+        return events
+
+    def _bound_before(self) -> tuple[float, float | None, int] | None:
+        """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""
+        bound = self.bound
+        return None if bound is None else (bound.stream_time, bound.stream_record_time, bound.run)
+
+    def _admit(self, line: LogLine, record_time: float | None) -> tuple[LogLine, bool] | None:
+        """The line as it enters the windows and whether its event time was clamped; None when refused."""
+        if self.bound is None:
+            return line, False
+        admitted = self.bound.admit(line.event_time, record_time)
+        if admitted is None:
+            return None
+        if admitted != line.event_time:
+            return dataclasses.replace(line, event_time=admitted), True
+        return line, False
+
+    def _join(self, line: LogLine, before: tuple[float, float | None, int] | None, clamped: bool) -> AddResult | None:
+        """An admitted line joins (or opens) the sessions of its block ids; windows it closes (gap, cap,
+        size, expiry) are in the result. None when it only joined windows and nothing else happened."""
+        open_, gap = self._open, self.gap
+        now = line.event_time
+        closed: list[Window] = []
+        if now > self._stream_time:
+            self._stream_time = now
+            if self._expiry and self._expiry[0][0] < now:
+                self._expire(closed)
+        late: list[str] = []
+        joined = opened = 0
+        bound_before: list[Any] | None = None  # made once, only if a session opens
+        for key in line.block_ids:
+            session = open_.get(key)
+            if session is not None and now > session.last_event + gap:
+                closed.append(self._close(key, "gap"))
+                session = None
+            if session is None:
+                if now + gap + self.grace < self._stream_time:
+                    late.append(key)
+                    continue
+                if len(open_) >= self.max_open:
+                    closed.append(self._close(next(iter(open_)), "cap"))
+                self._generation += 1
+                if bound_before is None:
+                    bound_before = _bound_state(before)
+                session = open_[key] = _Session(self._generation, bound_before)
+                opened += 1
+            session.lines.append(line)
+            joined += 1
+            if now > session.last_event:
+                session.last_event = now
+                self._schedule(key, session)
+            if len(session.lines) >= self.max_lines:
+                closed.append(self._close(key, "max_size"))
+        if closed or opened or clamped or late or not joined:
+            return AddResult(closed, tuple(late), joined, opened, clamped=clamped)
+        return None
 
     def flush(self) -> list[Window]:
         """Close every open window (end of input), oldest first."""
