@@ -12,11 +12,15 @@ computes for the whole batch at once:
 - the header splits at the same places (`str.split` and the HDFS pattern read the same fields);
 - the event time is the same IEEE arithmetic (BGL: timestamp + micros / 1e6; HDFS: whole seconds
   from the `calendar.timegm` formula, a table of month starts and integer sums);
-- the template is the content with every whitespace-separated token holding a digit or `/` replaced
-  by `<*>` (`masking.mask`; on ASCII text RE2's and Python's `\\s` agree on tab, newline and space,
-  the only whitespace a plain record has); a content with a run of 8 hex letters is masked by
-  `masking.mask` itself (the hex rule needs a lookaround RE2 has not);
-- block ids: `masking.block_ids` on the decoded lines, skipped for a batch that names no `blk_`.
+- the template is the content with every whitespace-separated token that holds a digit or `/`, or
+  is a run of 8 or more hex letters, replaced by `<*>` (`masking.mask`). A batch whose contents
+  hold no tab or newline (the only whitespace besides the space a plain record has) is masked token
+  by token: split at single spaces (a run of spaces gives empty tokens, which the join restores),
+  each *distinct* token tested once (dictionary encoding: tokens repeat across lines), joined
+  back. Otherwise the whole-content RE2 rule, with `masking.mask` itself where the hex rule may
+  apply (it needs a lookaround RE2 has not);
+- block ids: `masking.block_ids` on the decoded lines, skipped for a batch whose bytes name no
+  `blk_` (one byte search over the batch's buffer).
 
 Every other record (non-ASCII text, odd spacing, control characters, a broken header, an empty
 content, too large, empty, undecodable) is left to the per-line parser, which stays the reference:
@@ -48,6 +52,8 @@ _HDFS = rf"^[0-9]{{2}}(?:0[1-9]|1[0-2])[0-9]{{2}} [0-9]{{6}} [0-9]+ {_TOKEN} {_T
 _MICROS = r"(?:^|\.)[0-9]{6}$"  # BGL Time field: six digits after its last dot (or the whole field)
 _VARIABLE = r"\S*[0-9/]\S*"  # a token with a digit or a slash (masking.mask's first rule)
 _HEX_RUN = r"[A-Fa-f]{8}"  # a content that masking.mask's hex rule may touch
+_VARIABLE_CHAR = r"[0-9/]"  # a token masking.mask replaces for a digit or slash in it
+_HEX_TOKEN = r"^[A-Fa-f]{8,}$"  # a token masking.mask replaces as a hex id
 
 # Days from the epoch to the first of each month of 2000-2099 (HDFS years are 2000 + yy).
 _MONTH_DAYS = pa.array([calendar.timegm((2000 + year, month, 1, 0, 0, 0)) // 86_400
@@ -169,7 +175,10 @@ def _hdfs_times(parts: pa.ListArray) -> pa.DoubleArray:
 
 
 def _templates(content: pa.StringArray) -> list[str]:
-    """`masking.mask` of each content: RE2 for the digit/slash rule, `mask` itself where the hex rule may apply."""
+    """`masking.mask` of each content: token by token where the only whitespace is the space, else RE2
+    for the digit/slash rule and `mask` itself where the hex rule may apply."""
+    if not _holds_any(content, (b"\t", b"\n")):
+        return _token_templates(content)
     templates = pc.replace_substring_regex(content, _VARIABLE, MASK).to_pylist()
     hex_rows = pc.match_substring_regex(content, _HEX_RUN)
     if pc.any(hex_rows).as_py():
@@ -181,10 +190,32 @@ def _templates(content: pa.StringArray) -> list[str]:
 def _blocks(text: pa.StringArray, raw: list[str]) -> list[tuple[str, ...]]:
     """`masking.block_ids` of each line: its matches in order, a line naming a block twice through the
     function itself (a batch naming no `blk_` at all skips the search)."""
-    if not pc.any(pc.match_substring(text, "blk_")).as_py():
+    if not _holds_any(text, (b"blk_",)):
         return [()] * len(raw)
     found = list(map(BLOCK_ID.findall, raw))
     blocks = list(map(tuple, found))
     for row in [row for row, ids in enumerate(found) if len(ids) > 1]:
         blocks[row] = block_ids(raw[row])
     return blocks
+
+
+def _token_templates(content: pa.StringArray) -> list[str]:
+    """`masking.mask` of contents whose only whitespace is the space: split at each space, each distinct
+    token masked once (a digit or `/` in it, or all of it 8+ hex letters), joined with single spaces."""
+    tokens = pc.split_pattern(content, " ")
+    encoded = pc.dictionary_encode(pc.list_flatten(tokens))
+    distinct = encoded.dictionary
+    variable = pc.or_(pc.match_substring_regex(distinct, _VARIABLE_CHAR),
+                      pc.match_substring_regex(distinct, _HEX_TOKEN))
+    masked = pc.take(pc.if_else(variable, MASK, distinct), encoded.indices)
+    return pc.binary_join(pa.ListArray.from_arrays(tokens.offsets, masked), " ").to_pylist()
+
+
+def _holds_any(strings: pa.StringArray, needles: tuple[bytes, ...]) -> bool:
+    """Whether any needle occurs in the bytes under `strings` (a byte search over its data buffer; a
+    sliced or filtered array's buffer may hold bytes of rows outside it: a false yes, never a false no)."""
+    data = strings.buffers()[2]
+    if data is None:
+        return False
+    whole = data.to_pybytes()
+    return any(needle in whole for needle in needles)

@@ -9,7 +9,6 @@ of new work) already done by an earlier owner.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Mapping
@@ -271,5 +270,5 @@ def _routed_blocks(message: Message, line: LogLine) -> LogLine:
         return line
     for name, value in headers:
         if name == BLOCKS_HEADER:
-            return dataclasses.replace(line, block_ids=tuple(value.decode().split(",")) if value else ())
+            return line._replace(block_ids=tuple(value.decode().split(",")) if value else ())
     return line

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 WindowKind = Literal["count", "session"]
 # Where a line's event time comes from: its own timestamp; the last one seen before it on its
@@ -19,9 +19,12 @@ TimeSource = Literal["line", "inherited", "record"]
 CloseReason = Literal["size", "gap", "max_size", "cap", "idle", "end_of_input"]
 
 
-@dataclass(slots=True, frozen=True)
-class LogLine:
-    """One parsed record of a raw topic (or of a log file, for the trainer)."""
+class LogLine(NamedTuple):
+    """One parsed record of a raw topic (or of a log file, for the trainer).
+
+    A named tuple: immutable, and built in bulk at C speed (`tuple.__new__` over zipped columns: a
+    consume batch's lines, `parsing.LineParser.parse_batch`), about 0.3 µs a line less than a frozen
+    dataclass. A changed copy is `line._replace(field=value)`."""
 
     topic: str
     partition: int

@@ -33,7 +33,6 @@ sessions that were open, ignoring the lines of sessions that had already closed 
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from collections import deque
 from collections.abc import Sequence
@@ -228,7 +227,7 @@ class Windower(Protocol):
         if admitted is None:
             return None
         if admitted != line.event_time:
-            return dataclasses.replace(line, event_time=admitted), True
+            return line._replace(event_time=admitted), True
         return line, False
 
     def _join(self, line: LogLine, before: tuple[float, float | None, int] | None, clamped: bool) -> AddResult | None:
@@ -492,7 +491,7 @@ class SessionWindower:
             if admitted is None:
                 return AddResult(future=True)
             if admitted != line.event_time:
-                line = dataclasses.replace(line, event_time=admitted)
+                line = line._replace(event_time=admitted)
                 clamped = True
         self._last_offset = line.offset
         if self._restoring is not None:
@@ -568,7 +567,7 @@ class SessionWindower:
                         events.append((index, AddResult(future=True)))
                         continue
                     if admitted != line.event_time:
-                        line = dataclasses.replace(line, event_time=admitted)
+                        line = line._replace(event_time=admitted)
                         clamped = True
             self._last_offset = line.offset
             now = line.event_time

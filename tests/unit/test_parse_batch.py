@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logstream.arrowparse import ArrowBatchParser
+from logstream.arrowparse import ArrowBatchParser, _templates
+from logstream.masking import mask
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine
 from tests.hardening_inputs import CLOCK_AHEAD_HDFS
@@ -162,6 +164,21 @@ def test_vectorized_path_on_near_misses(data: st.DataObject, fmt: str, max_bytes
     times = record_times_for(len(values))
     expected = one_by_one(LineParser(fmt, max_bytes), values, times)
     assert batched(LineParser(fmt, max_bytes, vector_min=1), values, times, [len(values)]) == expected
+
+
+SPACED = st.lists(st.sampled_from(PLAIN_TOKENS + ["", "", "deadbeefa", "DeadBeef", "abcdefab/", "fffffff", "7"]),
+                  max_size=12).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SPACED, min_size=1, max_size=30), st.sampled_from(["", "\t", "\n"]))
+def test_kernel_masking_is_mask(contents: list[str], odd: str) -> None:
+    """The kernels' template of a plain content is `masking.mask`'s: token by token when the batch's only
+    whitespace is the space (runs of spaces, leading and trailing ones, hex runs of 7-9 letters), and by
+    the whole-content rule when a tab or newline is somewhere in it."""
+    if odd:
+        contents = [*contents, f"x{odd}y 12"]
+    assert _templates(pa.array(contents, pa.string())) == [mask(content) for content in contents]
 
 
 def test_hardening_inputs_through_the_vectorized_path() -> None:

@@ -7,7 +7,6 @@ public parser, `mask` and `LogLine(...)`, on real lines and on generated ones.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -95,12 +94,13 @@ def test_template_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert long_content not in parser._templates
 
 
-def test_lines_stay_frozen_dataclasses() -> None:
-    line = LineParser("hdfs").parse(
-        b"081109 203615 148 INFO dfs.DataNode: Received block blk_1 of size 67108864", topic="t", partition=0,
-        offset=3, record_time=0.0,
-    )
+def test_lines_are_immutable_named_tuples() -> None:
+    parser = LineParser("hdfs")
+    record = b"081109 203615 148 INFO dfs.DataNode: Received block blk_1 of size 67108864"
+    line = parser.parse(record, topic="t", partition=0, offset=3, record_time=0.0)
     assert type(line) is LogLine and line.block_ids == ("blk_1",)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         line.offset = 4  # type: ignore[misc]
-    assert hash(line) == hash(dataclasses.replace(line))
+    assert hash(line) == hash(line._replace()) and line._replace(offset=4).offset == 4
+    batch = parser.parse_batch([record] * 40, topic="t", partition=0, offsets=range(3, 43), record_times=[0.0] * 40)
+    assert batch[0] == line and all(type(made) is LogLine for made in batch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 
@@ -255,7 +254,7 @@ def test_bounded_session_replay_from_a_cut_rebuilds_the_same_windows(spec: list,
     # some lines come from a clock far ahead: alone, in pairs, or in runs that confirm a jump
     jumps = data.draw(st.lists(st.integers(0, len(lines) - 1), max_size=6))
     for index in jumps:
-        lines[index] = dataclasses.replace(lines[index], event_time=lines[index].event_time + 10_000)
+        lines[index] = lines[index]._replace(event_time=lines[index].event_time + 10_000)
     policy = data.draw(st.sampled_from(["dead-letter", "clamp"]))
     confirm = data.draw(st.integers(2, 3))
 
