@@ -126,7 +126,10 @@ class Ingest:
             batch, offsets, copies = [batch[i] for i in keep], [offsets[i] for i in keep], [False] * len(keep)
         if not batch:
             return
-        times = [stamp[1] / 1000.0 for stamp in map(Message.timestamp, batch)]
+        if self.session_windows or self.parser.reads_record_times:  # the event-time bound or the parser reads them
+            times = [stamp[1] / 1000.0 for stamp in map(Message.timestamp, batch)]
+        else:
+            times = [0.0] * len(batch)
         parsed = self.parser.parse_batch(list(map(Message.value, batch)), topic=topic, partition=partition,
                                          offsets=offsets, record_times=times)
         if not self.session_windows:  # count windows (settings.window): the engine is a CountWindower

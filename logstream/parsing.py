@@ -257,6 +257,12 @@ class LineParser:
         self._last_times: dict[tuple[str, int], float] = {}
         self._reference = time.time()  # dates year-less stamps of records without a time (files)
 
+    @property
+    def reads_record_times(self) -> bool:
+        """Whether a record's Kafka timestamp can become a line's event time (the generic format: a line
+        without a stamp of its own); the fixed-header formats never read it."""
+        return self._fields is None
+
     def parse(
         self,
         value: bytes | None,
