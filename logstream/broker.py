@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,6 +28,10 @@ log = get_logger(__name__)
 
 class BrokerError(RuntimeError):
     pass
+
+
+class _ExitedEarly(BrokerError):
+    """The broker process exited before it was ready (on a port it could not bind, most often)."""
 
 
 def broker_binary() -> Path:
@@ -51,10 +56,36 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+_EPHEMERAL_DEFAULT = (32768, 60999)  # Linux's default ip_local_port_range
+_LISTEN_FLOOR = 10_000  # listening ports are picked above this and below the ephemeral range
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The range outgoing connections take their local ports from (Linux: ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, picked at random below the ephemeral range when there is room.
+
+    A port the OS hands out for `bind(0)` comes from the ephemeral range, where any outgoing
+    connection (a Kafka client's, in the next test) may take it before the broker binds it; random
+    picks below that range only collide with another listener picking the same port, which
+    `EmbeddedBroker.start` survives by retrying on a new port."""
+    low, _ = _ephemeral_range()
+    for _ in range(50):
+        port = random.randrange(_LISTEN_FLOOR, low) if low > _LISTEN_FLOOR + 1000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise BrokerError("no free TCP port found")
 
 
 class EmbeddedBroker:
@@ -68,6 +99,8 @@ class EmbeddedBroker:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port()
+        self._port_chosen = port is None  # ours to change if someone else takes it before the first start
+        self._started_once = False
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.data_dir / "broker.log"
 
@@ -80,9 +113,30 @@ class EmbeddedBroker:
         return self._process is not None and self._process.poll() is None
 
     def start(self, timeout: float = 60.0) -> EmbeddedBroker:
+        """Start the broker and block until it answers a metadata request (at most `timeout` s).
+
+        A restart keeps the port (clients keep their address). On the first start of a broker whose
+        port was picked here, a broker that exits at once (the port was taken between the pick and
+        its bind) is started again on a new port, up to three times. Raises BrokerError if the
+        broker exits or is not ready in time."""
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 3 if self._port_chosen and not self._started_once else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                self._launch(timeout)
+                break
+            except _ExitedEarly as exc:
+                if attempt == attempts:
+                    raise BrokerError(str(exc)) from None
+                log.warning("broker_port_taken", port=self.port, attempt=attempt)
+                self.port = free_port()
+        self._started_once = True
+        log.info("broker_started", bootstrap_servers=self.bootstrap_servers, data_dir=str(self.data_dir))
+        return self
+
+    def _launch(self, timeout: float) -> None:
         command = [str(broker_binary()), "start", "--only", "kafka", "--kafka-port", str(self.port),
                    "--host", self.host, "--data-dir", str(self.data_dir)]
         with self._log_path.open("ab") as sink:
@@ -90,8 +144,6 @@ class EmbeddedBroker:
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
-        log.info("broker_started", bootstrap_servers=self.bootstrap_servers, data_dir=str(self.data_dir))
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -100,9 +152,13 @@ class EmbeddedBroker:
                              "log_level": 0})
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
-                raise BrokerError(f"broker exited with {self._process.returncode}; see {self._log_path}")
+                code, self._process = self._process.returncode, None
+                raise _ExitedEarly(f"broker exited with {code}; see {self._log_path}")
             try:
                 if admin.list_topics(timeout=1.0).brokers:
+                    time.sleep(0.2)  # an answer from another broker on this port: ours exits meanwhile
+                    if self._process is not None and self._process.poll() is not None:
+                        continue
                     return
             except Exception:  # noqa: BLE001 - not up yet
                 pass

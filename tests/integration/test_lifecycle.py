@@ -275,3 +275,20 @@ def test_right_format_summary_and_dead_letter_ratio(bootstrap: str) -> None:
 def dead_letter_ratio(metrics: Metrics) -> float | None:
     samples = [s.value for m in metrics.dead_letter_ratio.collect() for s in m.samples]
     return samples[0] if samples else None
+
+
+def test_a_broker_whose_picked_port_was_taken_starts_on_another(tmp_path: Path) -> None:
+    """The race of parallel test workers: a port picked as free is bound by someone else before the
+    broker binds it. The first start moves to a new port; a restart keeps its port (clients' address)."""
+    with EmbeddedBroker(data_dir=tmp_path / "first") as first:
+        second = EmbeddedBroker(data_dir=tmp_path / "second")
+        second.port = first.port  # as if both had picked the same port
+        try:
+            second.start()
+            assert second.running and second.port != first.port
+            taken = second.port
+            second.stop()
+            second.start()
+            assert second.port == taken and second.running
+        finally:
+            second.close()
