@@ -9,7 +9,6 @@ labels.
 
 from __future__ import annotations
 
-import csv
 import importlib.resources
 import itertools
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from logstream.broker import EmbeddedBroker
+from logstream.files import read_block_labels
 from logstream.kafka import client_config
 from logstream.logs import configure_logging
 from logstream.parsing import block_ids
@@ -81,11 +81,7 @@ def _bgl_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]:
 def _hdfs_truth(dataset: DemoDataset, lines: int | None) -> tuple[int, set[str]]:
     """Blocks named in the first `lines` HDFS sample lines (one session window each), and the anomalous ones."""
     assert dataset.labels is not None
-    labels: dict[str, bool] = {}
-    with sample_path(dataset.labels).open(encoding="utf-8") as handle:
-        for row in csv.reader(handle):
-            if len(row) == 2 and row[1] in ("Normal", "Anomaly"):
-                labels[row[0]] = row[1] == "Anomaly"
+    labels = read_block_labels(sample_path(dataset.labels))
     blocks: set[str] = set()
     with sample_path(dataset.sample).open(encoding="utf-8", errors="replace") as handle:
         for text in itertools.islice(handle, lines):

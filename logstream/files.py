@@ -7,7 +7,9 @@ same deterministic ids for the same lines) as windows built from a topic.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ def open_binary(path: Path) -> BinaryIO:
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+CSV_ENCODING = "utf-8-sig"  # label and LogLLM CSV files: a byte-order mark is not part of the header
 
 
 def iter_records(path: Path) -> Iterator[bytes]:
@@ -54,3 +57,22 @@ def iter_log_lines(
         except BadRecord as exc:
             if bad is not None:
                 bad[exc.reason] += 1
+
+
+def read_block_labels(path: Path) -> dict[str, bool]:
+    """`BlockId,Label` (Normal/Anomaly) -> {block: anomalous}; a malformed row is an error, not a guess."""
+    result: dict[str, bool] = {}
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding=CSV_ENCODING, newline="") as text:
+        reader = csv.reader(text)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["BlockId", "Label"]:
+            raise ValueError(f"{path}: expected a `BlockId,Label` header, got {header!r}")
+        for number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < 2 or row[1].strip().lower() not in ("normal", "anomaly"):
+                raise ValueError(f"{path}:{number}: expected `<block id>,Normal|Anomaly`, got {row!r}")
+            result[row[0].strip()] = row[1].strip().lower() == "anomaly"
+    if not result:
+        raise ValueError(f"{path}: no block labels")
+    return result

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logstream.files import iter_log_lines, iter_records, open_binary
+from logstream.files import CSV_ENCODING, iter_log_lines, iter_records, open_binary, read_block_labels
 from logstream.logs import get_logger
 from logstream.parsing import LineParser, block_ids, line_breaks, mask
 from logstream.records import LogLine, Window
@@ -62,7 +62,6 @@ HDFS_SESSION_MAX_OPEN = 10_000_000
 SESSION_OPTIONS = ("gap", "grace", "max_lines", "max_open", "max_future", "future_policy", "future_confirm")
 LOGLLM_CSV_HEADER = ["line_no", "window", "label", "content"]
 # CSV files saved by spreadsheet tools often open with a UTF-8 byte-order mark: not part of the header.
-CSV_ENCODING = "utf-8-sig"
 
 
 @dataclass(slots=True)
@@ -403,25 +402,6 @@ def _chronological_split(
 
 
 # --- HDFS: random split by block, session windows ------------------------------------------------
-
-
-def read_block_labels(path: Path) -> dict[str, bool]:
-    """`BlockId,Label` (Normal/Anomaly) -> {block: anomalous}; a malformed row is an error, not a guess."""
-    result: dict[str, bool] = {}
-    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding=CSV_ENCODING, newline="") as text:
-        reader = csv.reader(text)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["BlockId", "Label"]:
-            raise ValueError(f"{path}: expected a `BlockId,Label` header, got {header!r}")
-        for number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2 or row[1].strip().lower() not in ("normal", "anomaly"):
-                raise ValueError(f"{path}:{number}: expected `<block id>,Normal|Anomaly`, got {row!r}")
-            result[row[0].strip()] = row[1].strip().lower() == "anomaly"
-    if not result:
-        raise ValueError(f"{path}: no block labels")
-    return result
 
 
 def _blocks_in_order(logs: Path) -> tuple[dict[str, None], int]:

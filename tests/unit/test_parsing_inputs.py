@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 
 from logstream.alerts import build_alert
 from logstream.detectors.novelty import NoveltyDetector
-from logstream.files import iter_log_lines, iter_records
+from logstream.files import iter_log_lines, iter_records, read_block_labels
 from logstream.parsing import LineParser, parse_generic
 from logstream.records import LogLine, Verdict, Window
 from logstream.timestamps import SYSLOG_FUTURE_SLACK_S, leading_timestamp
-from trainer.data import count_records, is_logllm_csv, load_split, read_block_labels
+from trainer.data import count_records, is_logllm_csv, load_split
 
 BOM = b"\xef\xbb\xbf"
 SAMPLES = Path(__file__).resolve().parents[2] / "logstream" / "samples"
