@@ -58,6 +58,7 @@ def _die_with_parent() -> None:
 
 _EPHEMERAL_DEFAULT = (32768, 60999)  # Linux's default ip_local_port_range
 _LISTEN_FLOOR = 10_000  # listening ports are picked above this and below the ephemeral range
+_PICK = random.SystemRandom()  # not the global generator: a test seeding it must not make workers pick alike
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -78,7 +79,7 @@ def free_port() -> int:
     `EmbeddedBroker.start` survives by retrying on a new port."""
     low, _ = _ephemeral_range()
     for _ in range(50):
-        port = random.randrange(_LISTEN_FLOOR, low) if low > _LISTEN_FLOOR + 1000 else 0
+        port = _PICK.randrange(_LISTEN_FLOOR, low) if low > _LISTEN_FLOOR + 1000 else 0
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
