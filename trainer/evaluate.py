@@ -269,11 +269,12 @@ def session_options(settings: Settings) -> dict[str, Any]:
 
 def add_parser(subparsers: Any) -> None:
     """Register `evaluate` and its flags."""
+    from logstream.argparsing import DefaultsHelpFormatter
     from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "evaluate", help="score a dump's test windows with a trained model and the baselines; write a report",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0] if __doc__ else None, formatter_class=DefaultsHelpFormatter,
         epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap, the consumer's "
                "HDFS default too (a 300 s gap cuts most HDFS blocks into several sessions; see README).",
     )

@@ -540,11 +540,12 @@ class Trainer:
 
 def add_parser(subparsers: Any) -> None:
     """Register `fit-logllama` and its flags."""
+    from logstream.argparsing import DefaultsHelpFormatter
     from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "fit-logllama", help="train the unsupervised LogLLaMA detector (next-key model + top-K reinforcement)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0] if __doc__ else None, formatter_class=DefaultsHelpFormatter,
         epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap (see README).",
     )
     data = parser.add_argument_group("data")

@@ -740,11 +740,12 @@ def parse_stages(text: str) -> list[str]:
 
 def add_parser(subparsers: Any) -> None:
     """Register `fit` and its flags."""
+    from logstream.argparsing import DefaultsHelpFormatter
     from logstream.cliargs import add_settings_arguments
 
     parser = subparsers.add_parser(
         "fit", help="three-stage LogLLM fine-tuning on a log dump; writes the artifact `logstream run` serves",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0] if __doc__ else None, formatter_class=DefaultsHelpFormatter,
         epilog=f"HDFS: unless --session-gap is given, sessions use a {HDFS_SESSION_GAP_S:g} s gap (see README). "
                "On a shared CPU, --threads 1 is often fastest.",
     )
