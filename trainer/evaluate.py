@@ -40,7 +40,7 @@ from trainer.data import (
     load_split,
 )
 from trainer.evidence import evidence_account
-from trainer.report import DetectorRun, write_report
+from trainer.report import DetectorRun, headline, write_report
 
 log = get_logger(__name__)
 
@@ -340,5 +340,6 @@ def run(args: argparse.Namespace) -> int:
         for loaded in ([detector] if detector is not None else []) + list(compared.values()):
             loaded.close()
     summary["total_seconds"] = round(time.perf_counter() - started, 3)
+    print(headline(summary), file=sys.stderr, flush=True)  # for the terminal; stdout stays one JSON line
     print(orjson.dumps(summary).decode(), flush=True)
     return 0

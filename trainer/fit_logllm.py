@@ -105,6 +105,7 @@ from logstream.settings import Settings
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, LabeledWindow, Split, load_split, summarize
 from trainer.distinct import DistinctWindow, weighted_distinct
 from trainer.distributed import World, WorldError
+from trainer.report import headline
 from trainer.training import (
     CHECKPOINTS,
     RunError,
@@ -949,5 +950,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if world.main:
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        if isinstance(summary.get("evaluation"), dict):  # for the terminal; stdout stays one JSON line
+            print(headline(summary["evaluation"]), file=sys.stderr, flush=True)
         print(orjson.dumps(summary).decode(), flush=True)
     return 0

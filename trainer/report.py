@@ -341,3 +341,19 @@ def _describe_window(window: dict[str, Any]) -> str:
         return f"count windows of {window.get('size')} lines, stride {window.get('stride')}"
     options = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in window.items() if k != "kind")
     return f"session windows by block id ({options})"
+
+
+def headline(evaluation: dict[str, Any]) -> str:
+    """One line for a person reading the terminal: the detector's test figures, the baselines' F1 beside
+    them, and where the report is. `evaluation` is an `evaluate` summary (also `fit`'s "evaluation")."""
+    name = evaluation.get("detector") or "baselines"
+    figures = ", ".join(f"{label} {_fmt(evaluation.get(key))}" for label, key in
+                        (("P", "precision"), ("R", "recall"), ("AP", "average_precision")))
+    text = (f"{name}: F1 {_fmt(evaluation.get('f1'))} ({figures}) on {evaluation.get('windows')} "
+            f"{evaluation.get('split', 'test')} windows ({evaluation.get('anomalous_windows')} anomalous)")
+    baselines = evaluation.get("baselines") or {}
+    if baselines:
+        text += "; baselines F1: " + ", ".join(f"{b} {_fmt(v.get('f1'))}" for b, v in baselines.items())
+    if evaluation.get("report"):
+        text += f"; report: {evaluation['report']}"
+    return text

@@ -108,3 +108,13 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "label file" in capsys.readouterr().err
     assert main([*base, "--model", "novelty", "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_headline_puts_the_baselines_beside_the_detector() -> None:
+    from trainer.report import headline
+
+    line = headline({"detector": "logllm", "split": "test", "f1": 0.931034, "precision": 0.870968, "recall": 1.0,
+                     "average_precision": float("nan"), "windows": 1145, "anomalous_windows": 27,
+                     "baselines": {"count_vector": {"f1": 0.931034}, "tfidf": {"f1": 0.5}}, "report": "r/report.md"})
+    assert line == ("logllm: F1 0.931 (P 0.871, R 1.000, AP –) on 1145 test windows (27 anomalous); "
+                    "baselines F1: count_vector 0.931, tfidf 0.500; report: r/report.md")
