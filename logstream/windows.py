@@ -170,105 +170,7 @@ class Windower(Protocol):
     Not thread-safe: owned by the poll loop (consumer) or the dump reader (trainer). No call blocks."""
 
     def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
-        before = self._bound_before()
-        admitted = self._admit(line, record_time)
-        if admitted is None:
-            return AddResult(future=True)
-        line, clamped = admitted
-        self._last_offset = line.offset
-        if self._restoring is not None:
-            if line.offset < self._fence:
-                self._replay(line, _bound_state(before))
-                return AddResult()
-            self.finish_restore()
-        result = self._join(line, before, clamped)
-        # a line that only joined its windows joined one per block id (none was late)
-        return result if result is not None else AddResult(joined=len(line.block_ids))
-
-    def add_batch(self, lines: Sequence[LogLine],
-                  record_times: Sequence[float | None]) -> list[tuple[int, AddResult]]:
-        """Feed consecutive lines at once: what `add` on each in turn does.
-
-        `record_times` (Kafka timestamps, seconds) is parallel to `lines`. Returns `(index, result)`,
-        in order, for each line whose `add` result says more than "joined its windows": it closed
-        or opened a window, was refused or clamped by the event-time bound, was late or unkeyed
-        (joined none), or was replayed below the restore fence. A line not listed joined at least
-        one window and did nothing else; building no result for it is what saves the time."""
-        events: list[tuple[int, AddResult]] = []
-        for index, line in enumerate(lines):
-            if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
-                result = self.add(line, record_times[index])
-                if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
-                        not result.joined:
-                    events.append((index, result))
-                continue
-            before = self._bound_before()
-            admitted = self._admit(line, record_times[index])
-            if admitted is None:
-                events.append((index, AddResult(future=True)))
-                continue
-            line, clamped = admitted
-            self._last_offset = line.offset
-            joined = self._join(line, before, clamped)
-            if joined is not None:
-                events.append((index, joined))
-        return events
-
-    def _bound_before(self) -> tuple[float, float | None, int] | None:
-        """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""
-        bound = self.bound
-        return None if bound is None else (bound.stream_time, bound.stream_record_time, bound.run)
-
-    def _admit(self, line: LogLine, record_time: float | None) -> tuple[LogLine, bool] | None:
-        """The line as it enters the windows and whether its event time was clamped; None when refused."""
-        if self.bound is None:
-            return line, False
-        admitted = self.bound.admit(line.event_time, record_time)
-        if admitted is None:
-            return None
-        if admitted != line.event_time:
-            return line._replace(event_time=admitted), True
-        return line, False
-
-    def _join(self, line: LogLine, before: tuple[float, float | None, int] | None, clamped: bool) -> AddResult | None:
-        """An admitted line joins (or opens) the sessions of its block ids; windows it closes (gap, cap,
-        size, expiry) are in the result. None when it only joined windows and nothing else happened."""
-        open_, gap = self._open, self.gap
-        now = line.event_time
-        closed: list[Window] = []
-        if now > self._stream_time:
-            self._stream_time = now
-            if self._expiry and self._expiry[0][0] < now:
-                self._expire(closed)
-        late: list[str] = []
-        joined = opened = 0
-        bound_before: list[Any] | None = None  # made once, only if a session opens
-        for key in line.block_ids:
-            session = open_.get(key)
-            if session is not None and now > session.last_event + gap:
-                closed.append(self._close(key, "gap"))
-                session = None
-            if session is None:
-                if now + gap + self.grace < self._stream_time:
-                    late.append(key)
-                    continue
-                if len(open_) >= self.max_open:
-                    closed.append(self._close(next(iter(open_)), "cap"))
-                self._generation += 1
-                if bound_before is None:
-                    bound_before = _bound_state(before)
-                session = open_[key] = _Session(self._generation, bound_before)
-                opened += 1
-            session.lines.append(line)
-            joined += 1
-            if now > session.last_event:
-                session.last_event = now
-                self._schedule(key, session)
-            if len(session.lines) >= self.max_lines:
-                closed.append(self._close(key, "max_size"))
-        if closed or opened or clamped or late or not joined:
-            return AddResult(closed, tuple(late), joined, opened, clamped=clamped)
-        return None
+        """Feed the next line of the partition (offsets increase); `record_time`: its Kafka timestamp, seconds."""
 
     def flush(self) -> list[Window]:
         """Close every open window (end of input), oldest first."""
@@ -483,55 +385,24 @@ class SessionWindower:
     # --- streaming ----------------------------------------------------------------------------
 
     def add(self, line: LogLine, record_time: float | None = None) -> AddResult:
-        bound_before = None
-        clamped = False
-        if self.bound is not None:
-            bound_before = self.bound.state()
-            admitted = self.bound.admit(line.event_time, record_time)
-            if admitted is None:
-                return AddResult(future=True)
-            if admitted != line.event_time:
-                line = line._replace(event_time=admitted)
-                clamped = True
+        before = self._bound_before()
+        admitted = self._admit(line, record_time)
+        if admitted is None:
+            return AddResult(future=True)
+        line, clamped = admitted
         self._last_offset = line.offset
         if self._restoring is not None:
             if line.offset < self._fence:
-                self._replay(line, bound_before)
+                self._replay(line, _bound_state(before))
                 return AddResult()
             self.finish_restore()
-        result = AddResult(clamped=clamped)
-        now = line.event_time
-        if now > self._stream_time:
-            self._stream_time = now
-            self._expire(result.closed)
-        late: list[str] = []
-        for key in line.block_ids:
-            session = self._open.get(key)
-            if session is not None and now > session.last_event + self.gap:
-                result.closed.append(self._close(key, "gap"))
-                session = None
-            if session is None:
-                if now + self.gap + self.grace < self._stream_time:
-                    late.append(key)
-                    continue
-                if len(self._open) >= self.max_open:
-                    result.closed.append(self._close(next(iter(self._open)), "cap"))
-                self._generation += 1
-                session = self._open[key] = _Session(self._generation, bound_before)
-                result.opened += 1
-            session.lines.append(line)
-            result.joined += 1
-            if now > session.last_event:
-                session.last_event = now
-                self._schedule(key, session)
-            if len(session.lines) >= self.max_lines:
-                result.closed.append(self._close(key, "max_size"))
-        result.late_keys = tuple(late)
-        return result
+        result = self._join(line, before, clamped)
+        # a line that only joined its windows joined one per block id (none was late)
+        return result if result is not None else AddResult(joined=len(line.block_ids))
 
     def add_batch(self, lines: Sequence[LogLine],
                   record_times: Sequence[float | None]) -> list[tuple[int, AddResult]]:
-        """Feed consecutive lines at once: what `add` on each in turn does, in one loop.
+        """Feed consecutive lines at once: what `add` on each in turn does.
 
         `record_times` (Kafka timestamps, seconds) is parallel to `lines`. Returns `(index, result)`,
         in order, for each line whose `add` result says more than "joined its windows": it closed
@@ -539,8 +410,6 @@ class SessionWindower:
         (joined none), or was replayed below the restore fence. A line not listed joined at least
         one window and did nothing else; building no result for it is what saves the time."""
         events: list[tuple[int, AddResult]] = []
-        bound, gap, grace, max_lines, max_open = self.bound, self.gap, self.grace, self.max_lines, self.max_open
-        open_ = self._open
         for index, line in enumerate(lines):
             if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
                 result = self.add(line, record_times[index])
@@ -548,62 +417,73 @@ class SessionWindower:
                         not result.joined:
                     events.append((index, result))
                 continue
-            before = None  # the bound's state before this line, made into `state()`'s list only if a session opens
-            bound_before: list[Any] | None = None
-            clamped = False
-            if bound is not None:
-                stream = bound.stream_time
-                before = (stream, bound.stream_record_time, bound.run)
-                if stream != _NO_TIME and line.event_time <= stream + bound.max_future:
-                    # within the bound before any record-time allowance: what `admit` does, without the call
-                    bound.run = 0
-                    if line.event_time > stream:
-                        record_time = record_times[index]
-                        bound.stream_time = line.event_time
-                        bound.stream_record_time = None if record_time is not None and record_time <= 0 else record_time
-                else:
-                    admitted = bound.admit(line.event_time, record_times[index])
-                    if admitted is None:
-                        events.append((index, AddResult(future=True)))
-                        continue
-                    if admitted != line.event_time:
-                        line = line._replace(event_time=admitted)
-                        clamped = True
+            before = self._bound_before()
+            admitted = self._admit(line, record_times[index])
+            if admitted is None:
+                events.append((index, AddResult(future=True)))
+                continue
+            line, clamped = admitted
             self._last_offset = line.offset
-            now = line.event_time
-            closed: list[Window] = []
-            if now > self._stream_time:
-                self._stream_time = now
-                if self._expiry and self._expiry[0][0] < now:
-                    self._expire(closed)
-            late: list[str] = []
-            joined = opened = 0
-            for key in line.block_ids:
-                session = open_.get(key)
-                if session is not None and now > session.last_event + gap:
-                    closed.append(self._close(key, "gap"))
-                    session = None
-                if session is None:
-                    if now + gap + grace < self._stream_time:
-                        late.append(key)
-                        continue
-                    if len(open_) >= max_open:
-                        closed.append(self._close(next(iter(open_)), "cap"))
-                    self._generation += 1
-                    if bound_before is None and before is not None:
-                        bound_before = [None if before[0] == _NO_TIME else before[0], before[1], before[2]]
-                    session = open_[key] = _Session(self._generation, bound_before)
-                    opened += 1
-                session.lines.append(line)
-                joined += 1
-                if now > session.last_event:
-                    session.last_event = now
-                    self._schedule(key, session)
-                if len(session.lines) >= max_lines:
-                    closed.append(self._close(key, "max_size"))
-            if closed or opened or clamped or late or not joined:
-                events.append((index, AddResult(closed, tuple(late), joined, opened, clamped=clamped)))
+            joined = self._join(line, before, clamped)
+            if joined is not None:
+                events.append((index, joined))
         return events
+
+    def _bound_before(self) -> tuple[float, float | None, int] | None:
+        """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""
+        bound = self.bound
+        return None if bound is None else (bound.stream_time, bound.stream_record_time, bound.run)
+
+    def _admit(self, line: LogLine, record_time: float | None) -> tuple[LogLine, bool] | None:
+        """The line as it enters the windows and whether its event time was clamped; None when refused."""
+        if self.bound is None:
+            return line, False
+        admitted = self.bound.admit(line.event_time, record_time)
+        if admitted is None:
+            return None
+        if admitted != line.event_time:
+            return line._replace(event_time=admitted), True
+        return line, False
+
+    def _join(self, line: LogLine, before: tuple[float, float | None, int] | None, clamped: bool) -> AddResult | None:
+        """An admitted line joins (or opens) the sessions of its block ids; windows it closes (gap, cap,
+        size, expiry) are in the result. None when it only joined windows and nothing else happened."""
+        open_, gap = self._open, self.gap
+        now = line.event_time
+        closed: list[Window] = []
+        if now > self._stream_time:
+            self._stream_time = now
+            if self._expiry and self._expiry[0][0] < now:
+                self._expire(closed)
+        late: list[str] = []
+        joined = opened = 0
+        bound_before: list[Any] | None = None  # made once, only if a session opens
+        for key in line.block_ids:
+            session = open_.get(key)
+            if session is not None and now > session.last_event + gap:
+                closed.append(self._close(key, "gap"))
+                session = None
+            if session is None:
+                if now + gap + self.grace < self._stream_time:
+                    late.append(key)
+                    continue
+                if len(open_) >= self.max_open:
+                    closed.append(self._close(next(iter(open_)), "cap"))
+                self._generation += 1
+                if bound_before is None:
+                    bound_before = _bound_state(before)
+                session = open_[key] = _Session(self._generation, bound_before)
+                opened += 1
+            session.lines.append(line)
+            joined += 1
+            if now > session.last_event:
+                session.last_event = now
+                self._schedule(key, session)
+            if len(session.lines) >= self.max_lines:
+                closed.append(self._close(key, "max_size"))
+        if closed or opened or clamped or late or not joined:
+            return AddResult(closed, tuple(late), joined, opened, clamped=clamped)
+        return None
 
     def flush(self) -> list[Window]:
         self.finish_restore()
