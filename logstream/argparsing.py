@@ -25,7 +25,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS)
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and default != []
                 and "default" not in text and not isinstance(action, argparse._VersionAction)):
             text += " (default: %(default)s)"
         return text

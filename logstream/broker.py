@@ -89,6 +89,39 @@ def free_port() -> int:
     raise BrokerError("no free TCP port found")
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Inodes of the TCP sockets listening on `port` (Linux: /proc/net/tcp and tcp6); None without /proc."""
+    found: set[str] = set()
+    tables = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(fields[9])
+    return found if tables else None
+
+
+def _holds_socket(pid: int, inodes: set[str]) -> bool:
+    """Whether process `pid` has one of the socket `inodes` open."""
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
 class EmbeddedBroker:
     """A single-node Kafka-protocol broker in a child process."""
 
@@ -100,7 +133,7 @@ class EmbeddedBroker:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port()
-        self._port_chosen = port is None  # ours to change if someone else takes it before the first start
+        self._port_chosen = not port  # ours to change if someone else takes it before the first start
         self._started_once = False
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.data_dir / "broker.log"
@@ -124,9 +157,10 @@ class EmbeddedBroker:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         attempts = 3 if self._port_chosen and not self._started_once else 1
+        deadline = time.monotonic() + timeout
         for attempt in range(1, attempts + 1):
             try:
-                self._launch(timeout)
+                self._launch(max(deadline - time.monotonic(), 1.0))
                 break
             except _ExitedEarly as exc:
                 if attempt == attempts:
@@ -156,16 +190,27 @@ class EmbeddedBroker:
                 code, self._process = self._process.returncode, None
                 raise _ExitedEarly(f"broker exited with {code}; see {self._log_path}")
             try:
-                if admin.list_topics(timeout=1.0).brokers:
-                    time.sleep(0.2)  # an answer from another broker on this port: ours exits meanwhile
-                    if self._process is not None and self._process.poll() is not None:
-                        continue
-                    return
+                answered = bool(admin.list_topics(timeout=1.0).brokers)
             except Exception:  # noqa: BLE001 - not up yet
-                pass
+                answered = False
+            if answered and self._answer_is_ours():
+                return
             time.sleep(0.2)
         self.stop()
         raise BrokerError(f"broker not ready after {timeout:.0f}s; see {self._log_path}")
+
+    def _answer_is_ours(self) -> bool:
+        """Whether the broker that answered on the port is this one's process (another broker may hold the
+        port while ours fails to bind it). Linux: our process holds the listening socket; elsewhere: our
+        process is still alive a moment after the answer."""
+        process = self._process
+        if process is None:
+            return False
+        listening = _listening_inodes(self.port)
+        if listening is None:
+            time.sleep(0.2)
+            return process.poll() is None
+        return _holds_socket(process.pid, listening)
 
     def stop(self, timeout: float = 15.0) -> None:
         process, self._process = self._process, None

@@ -277,10 +277,19 @@ def dead_letter_ratio(metrics: Metrics) -> float | None:
     return samples[0] if samples else None
 
 
-def test_a_broker_whose_picked_port_was_taken_starts_on_another(tmp_path: Path) -> None:
+def test_a_broker_whose_picked_port_was_taken_starts_on_another(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The race of parallel test workers: a port picked as free is bound by someone else before the
-    broker binds it. The first start moves to a new port; a restart keeps its port (clients' address)."""
+    broker binds it. The first start moves to a new port, even when the broker takes its time to fail
+    (the other broker's answer is not taken for its own); a restart keeps its port (clients' address)."""
+    import logstream.broker as broker_module
+
+    real = broker_module.broker_binary()
+    slow = tmp_path / "slow-broker"
+    slow.write_text(f'#!/bin/sh\nsleep 0.6\nexec "{real}" "$@"\n')
+    slow.chmod(0o755)
     with EmbeddedBroker(data_dir=tmp_path / "first") as first:
+        monkeypatch.setattr(broker_module, "broker_binary", lambda: slow)
         second = EmbeddedBroker(data_dir=tmp_path / "second")
         second.port = first.port  # as if both had picked the same port
         try:
