@@ -359,14 +359,15 @@ class Pipeline:
     # ==========================================================================================
 
     def _close_idle_windows(self) -> None:
-        """Count windows of a partition quiet for --window-idle-s close (reason idle) after their last line.
+        """The open windows of a partition quiet for --window-idle-s (count windows) or --session-idle-s
+        (session windows; off by default) close (reason idle) after their last line.
 
         The cut goes into the next commit's metadata before its windows are published (they are held
         until then), with the fence at the cut's line: a replay from an earlier commit cuts at the
         same line and publishes them, so a restart sees the same windows with the same ids.
         """
-        idle_s = self.settings.window_idle_s
-        if not idle_s or self.settings.window == "session" or self.settings.once or self.policy.pending is not None:
+        idle_s = self.settings.session_idle_s if self.settings.window == "session" else self.settings.window_idle_s
+        if not idle_s or self.settings.once or self.policy.pending is not None:
             return
         now = time.monotonic()
         cut = False

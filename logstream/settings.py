@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "(reason idle; the cut is committed before its windows are published, so a replay cuts the same "
         "windows); 0: never",
     )
+    session_idle_s: float = Field(
+        0.0, ge=0,
+        description="session windows: close every open session of a partition after this many seconds without "
+        "a new line (reason idle; committed before its windows are published, as --window-idle-s does); 0 "
+        "(default): never, sessions close in event time only. A cut session is judged without the lines "
+        "that come later (HDFS blocks are often deleted hours after they are written)",
+    )
     max_future_s: float | None = Field(
         None, ge=0,
         description="session windows: a line whose event time is more than this many seconds ahead of its "

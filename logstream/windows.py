@@ -17,7 +17,11 @@ time seen on the partition, a session closes
     `last + gap + grace` (the grace lets out-of-order lines still join);
   - on reaching `max_lines`;
   - when opening one more session would exceed `max_open` (the oldest-opened session closes first);
-  - on `flush()` at the end of input.
+  - on `flush()` at the end of input;
+  - on a cut (`SessionWindower.cut()`, the pipeline's `--session-idle-s`, off by default): every open
+    session closes after the last line fed (reason `idle`); the pre-cut snapshot and the cut's offset
+    are what a replay gets until the cut is committed, so it rebuilds those sessions and closes them
+    at the same line.
 A line far ahead of the stream (`EventTimeBound`: a node with a wrong clock) is dead-lettered or
 clamped before it can move stream time, so it never drags the other lines into lateness.
 A line for a block with no open session whose event time is already past `stream_time - gap - grace`
@@ -176,8 +180,8 @@ class Windower(Protocol):
         """Close every open window (end of input), oldest first."""
 
     def cut(self) -> list[Window]:
-        """Idle close: close the open windows after the last line fed where the engine supports it
-        (count windows; sessions close in event time and return [])."""
+        """Idle close: close every open window after the last line fed (reason idle); the cut is kept in
+        `snapshot()` until `forget_before` passes it, so a replay closes the same windows."""
 
     def oldest_open_offset(self) -> int | None:
         """First offset of the oldest open window: replay must start there (None when none is open)."""
@@ -341,14 +345,20 @@ class SessionWindower:
         self._restore_snapshot: dict[str, Any] | None = None
         self._fence = 0
         self._last_offset: int | None = None
+        self._cut: tuple[int, dict[str, Any] | None] | None = None  # (offset, snapshot before it) until committed
 
     # --- replay -------------------------------------------------------------------------------
 
     def restore(self, snapshot: dict[str, Any], fence: int) -> None:
-        """Rebuild the sessions of `snapshot` from the lines replayed below offset `fence`."""
+        """Rebuild the sessions of `snapshot` from the lines replayed below offset `fence`. A snapshot
+        with a cut (taken before the cut was committed; `fence` is then the cut's line) replays that
+        line too and closes the rebuilt sessions after it, reason idle: the windows the cut closed."""
         self._restoring = {key: int(first) for key, first in snapshot.get("open", [])}
+        cuts = snapshot.get("cuts") or []
+        self._cut = (int(cuts[0]), None) if cuts else None
         self._restore_snapshot = snapshot
-        self._fence = fence
+        # a cut's line is replayed too (the snapshot is the state after it), then the cut closes what it rebuilt
+        self._fence = fence if self._cut is None else max(fence, self._cut[0] + 1)
         stream_time = snapshot.get("stream_time")
         self._stream_time = _NO_TIME if stream_time is None else float(stream_time)
         if self.bound is not None and snapshot.get("bound") is not None:
@@ -394,6 +404,8 @@ class SessionWindower:
         if self._restoring is not None:
             if line.offset < self._fence:
                 self._replay(line, _bound_state(before))
+                if self._cut is not None and line.offset == self._cut[0]:
+                    return self._replay_cut(line)
                 return AddResult()
             self.finish_restore()
         result = self._join(line, before, clamped)
@@ -428,6 +440,14 @@ class SessionWindower:
             if joined is not None:
                 events.append((index, joined))
         return events
+
+    def _replay_cut(self, line: LogLine) -> AddResult:
+        """The line a recorded cut came after, replayed: the sessions rebuilt up to it are the ones the
+        cut closed; they close again (reason idle) and the replay ends."""
+        self.finish_restore()
+        # the line's own outcome (a dead letter if it named no block) was published with the cut's commit:
+        # only the windows are new, so it reads as joined
+        return AddResult(self._close_all("idle"), joined=max(1, len(line.block_ids)))
 
     def _bound_before(self) -> tuple[float, float | None, int] | None:
         """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""
@@ -487,17 +507,23 @@ class SessionWindower:
 
     def flush(self) -> list[Window]:
         self.finish_restore()
-        windows = [self._window(key, session, "end_of_input") for key, session in self._open.items()]
-        self._open.clear()
-        self._expiry.clear()
-        return windows
+        return self._close_all("end_of_input")
 
     def cut(self) -> list[Window]:
-        """Sessions close in event time (gap + grace), never on a quiet wall clock: nothing to cut."""
-        return []
+        """Close every open session after the last line fed (reason idle), oldest first.
+
+        Until `forget_before` passes the cut (its commit), `snapshot()` is the state before it plus the
+        cut's offset: a replay rebuilds the sessions and closes them at the same line. Nothing is cut
+        while replaying or with nothing open (returns [])."""
+        if not self._open or self._last_offset is None or self._restoring is not None:
+            return []
+        self._cut = (self._last_offset, self.snapshot())
+        return self._close_all("idle")
 
     def forget_before(self, offset: int) -> None:
-        """The snapshot is rebuilt at every cut: nothing below a commit is kept."""
+        """A committed offset past the cut: no replay reaches it again."""
+        if self._cut is not None and self._cut[0] < offset:
+            self._cut = None
 
     @property
     def last_offset(self) -> int | None:
@@ -513,6 +539,8 @@ class SessionWindower:
     def snapshot(self) -> dict[str, Any] | None:
         if self._restore_snapshot is not None:
             return self._restore_snapshot  # not rebuilt yet: the state is still the restored one
+        if self._cut is not None and self._cut[1] is not None:  # a cut not yet committed: the state before it
+            return {**self._cut[1], "cuts": [self._cut[0]]}
         snapshot: dict[str, Any] = {
             "stream_time": self._stream_time if self._stream_time != _NO_TIME else None,
             "open": [[key, session.lines[0].offset] for key, session in self._open.items()],
@@ -552,6 +580,13 @@ class SessionWindower:
 
     def _close(self, key: str, reason: CloseReason) -> Window:
         return self._window(key, self._open.pop(key), reason)
+
+    def _close_all(self, reason: CloseReason) -> list[Window]:
+        """Every open session, oldest-opened first."""
+        windows = [self._window(key, session, reason) for key, session in self._open.items()]
+        self._open.clear()
+        self._expiry.clear()
+        return windows
 
     def _window(self, key: str, session: _Session, reason: CloseReason) -> Window:
         return Window("session", key, self.topic, self.partition, session.lines, reason)

@@ -141,6 +141,37 @@ def test_a_quiet_count_window_is_judged_after_the_idle_time_and_a_restart_cuts_i
     assert judged_after < 2.0 + 15.0, "judged within the idle time (plus polling and a commit)"
 
 
+def test_quiet_sessions_close_after_session_idle_s_and_a_restart_before_the_commit_publishes_them(
+        bootstrap: str) -> None:
+    """--session-idle-s (off by default): a partition read to its end and quiet closes every open session
+    (reason idle). Stopped while they are judged, the consumer leaves a commit that records the cut; the
+    next one replays up to the cut's line and publishes the same sessions, with the same ids."""
+    hdfs = (SAMPLES / "HDFS_2k.log").read_bytes().splitlines()[:5]  # five blocks, one line each
+    topic = unique("sessidle")
+    create_topic(bootstrap, topic)
+    produce_lines(bootstrap, topic, hdfs)
+    settings = make_settings(bootstrap, topic, format="hdfs", window="session", session_idle_s=2.0,
+                             shutdown_timeout_s=1.0)
+    first = BackgroundPipeline(settings, detector=SlowDetector(8.0)).start()
+    assert wait_for(lambda: "cuts" in ((committed_metadata(bootstrap, settings.group_id, topic)[1] or {})
+                                       .get("snapshot") or {}), 30)
+    offset, metadata = committed_metadata(bootstrap, settings.group_id, topic)
+    assert offset == 0 and metadata["fence"] == 4 and metadata["snapshot"]["cuts"] == [4]
+    assert first.stop() == 0
+    assert read_alerts(bootstrap, settings.alerts_topic, idle_s=0.5) == []
+
+    second = BackgroundPipeline(settings).start()
+    try:
+        assert wait_for(lambda: len(read_alerts(bootstrap, settings.alerts_topic, idle_s=0.3)) == 5, 30)
+    finally:
+        assert second.stop() == 0
+    got = sorted((a["source"]["first_offset"], a["window"]["close_reason"], a["window"]["id"])
+                 for a in read_alerts(bootstrap, settings.alerts_topic))
+    blocks = [line.decode().split("blk_")[1].split()[0] for line in hdfs]
+    assert got == sorted((i, "idle", window_id(topic, 0, "session", f"blk_{block}", i, i))
+                         for i, block in enumerate(blocks))
+
+
 def test_idle_windows_across_a_sigkill_are_the_same_windows(bootstrap: str, tmp_path: Path) -> None:
     topic = unique("idlekill")
     create_topic(bootstrap, topic)

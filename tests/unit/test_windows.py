@@ -163,6 +163,53 @@ def test_session_replay_from_a_cut_rebuilds_the_same_windows(spec: list, data: s
     assert ids(emitted) == ids(ref_windows)
 
 
+def test_a_session_cut_closes_every_open_session_and_is_kept_until_committed() -> None:
+    windower = SessionWindower("t", 0, gap=300.0)
+    feed(windower, [line(0, 10.0, ("blk_1",)), line(1, 11.0, ("blk_2",)), line(2, 12.0, ("blk_1",))])
+    before = windower.snapshot()
+    held = windower.cut()
+    assert [(w.key, w.first_offset, w.last_offset, w.close_reason) for w in held] == [
+        ("blk_1", 0, 2, "idle"), ("blk_2", 1, 1, "idle")]
+    assert windower.open_windows == 0 and windower.cut() == []
+    assert windower.snapshot() == {**before, "cuts": [2]}, "until committed: the state a replay needs"
+    windower.forget_before(0)
+    assert windower.snapshot() == {**before, "cuts": [2]}
+    feed(windower, [line(3, 13.0, ("blk_1",))])  # after the cut: a new session
+    windower.forget_before(3)  # a commit past the cut
+    assert "cuts" not in (windower.snapshot() or {}) and windower.oldest_open_offset() == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=session_lines, data=st.data())
+def test_a_restart_before_the_session_cut_is_committed_publishes_the_same_windows(spec: list,
+                                                                                  data: st.DataObject) -> None:
+    """As the pipeline commits a cut (offset at the oldest held window, fence at the cut's line) and a
+    restart replays from there: the line of the cut closes the same sessions, with the same ids."""
+    lines = build(spec)
+    kwargs = {"gap": 20.0, "grace": 5.0, "max_lines": 7, "max_open": 3}
+    cut_after = data.draw(st.integers(1, len(lines)))
+    reference = SessionWindower("t", 0, **kwargs)
+    emitted = feed(reference, lines[:cut_after])
+    held = reference.cut()
+    ref_windows = emitted + held + feed(reference, lines[cut_after:]) + reference.flush()
+    if not held:
+        return
+    fence = lines[cut_after - 1].offset  # the cut's line: below it replayed, from it on fed again
+    commit = held[0].first_offset
+    first = SessionWindower("t", 0, **kwargs)
+    feed(first, lines[:cut_after])
+    assert ids(first.cut()) == ids(held)
+    first.forget_before(commit)
+    snapshot = first.snapshot()
+
+    second = SessionWindower("t", 0, **kwargs)
+    second.restore(snapshot, fence)
+    replay = [ln for ln in lines if ln.offset >= commit]
+    assert all(not second.add(ln).closed for ln in replay if ln.offset < fence)
+    again = feed(second, [ln for ln in replay if ln.offset >= fence]) + second.flush()
+    assert ids(emitted + again) == ids(ref_windows)
+
+
 def test_session_windows_match_a_groupby_on_real_hdfs_lines() -> None:
     from logstream.parsing import LineParser
     from tests.kafkatools import SAMPLES
