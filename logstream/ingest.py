@@ -230,7 +230,7 @@ class Ingest:
                 log.info("late_line", partition=f"{topic}/{partition}", offset=message.offset(),
                          keys=list(result.late_keys))
         if result.closed:
-            if replay:
+            if replay and not result.cut:  # a replayed cut's windows were held, never published: they go now
                 log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}", offset=message.offset(),
                             windows=len(result.closed))
             else:

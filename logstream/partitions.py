@@ -37,7 +37,7 @@ class PartitionState:
         self.eof = False
         self.last_line_at = time.monotonic()  # when a line last joined the windows (idle close)
         self.idle_held: list[Window] = []  # closed by an idle cut; published once the cut is committed
-        self.idle_cut_at: int | None = None  # offset of the last line before that cut
+        self.idle_cut_at: int | None = None  # the fence its commit carries (`Windower.cut_fence`)
         topic, partition = tp
         self.lines_counter = metrics.lines_consumed.labels(topic, str(partition))
         self.replay_counter = metrics.lines_replayed.labels(topic, str(partition))
@@ -74,8 +74,11 @@ class PartitionState:
         The windows are held (`idle_held`) until a commit records the cut; returns whether it cut."""
         if self.idle_held or not self.eof or not self.windower.open_windows or now - self.last_line_at < idle_s:
             return False
-        self.idle_cut_at = self.windower.last_offset
-        self.idle_held = self.windower.cut()
+        held = self.windower.cut()
+        if not held:
+            return False
+        self.idle_cut_at = self.windower.cut_fence(self.position if self.position is not None else 0)
+        self.idle_held = held
         self.open_gauge.set(self.windower.open_windows)
         return True
 

@@ -79,6 +79,7 @@ class AddResult:
     opened: int = 0  # windows this line started (metrics: windows opened)
     future: bool = False  # refused by the event-time bound (the caller dead-letters it as future_timestamp)
     clamped: bool = False  # joined with its event time clamped by the event-time bound
+    cut: bool = False  # the windows closed are a recorded idle cut's, replayed: never published yet
 
 
 @dataclass(slots=True)
@@ -183,6 +184,10 @@ class Windower(Protocol):
         """Idle close: close every open window after the last line fed (reason idle); the cut is kept in
         `snapshot()` until `forget_before` passes it, so a replay closes the same windows."""
 
+    def cut_fence(self, position: int) -> int:
+        """The fence a commit of a cut not yet published carries (`position`: the next offset to read):
+        where a replay stops treating lines as already handled so that the cut's windows come again."""
+
     def oldest_open_offset(self) -> int | None:
         """First offset of the oldest open window: replay must start there (None when none is open)."""
 
@@ -280,6 +285,10 @@ class CountWindower:
         """Offset of the last line fed (where a cut now would fall)."""
         return self._last_offset
 
+    def cut_fence(self, position: int) -> int:
+        """The cut's line: fed again after a restart, it closes the same windows (the recorded cut)."""
+        return position if self._last_offset is None else self._last_offset
+
     def forget_before(self, offset: int) -> None:
         """Cuts below a committed offset are never replayed again."""
         self._cuts = {cut for cut in self._cuts if cut >= offset}
@@ -358,7 +367,7 @@ class SessionWindower:
         self._cut = (int(cuts[0]), None) if cuts else None
         self._restore_snapshot = snapshot
         # a cut's line is replayed too (the snapshot is the state after it), then the cut closes what it rebuilt
-        self._fence = fence if self._cut is None else max(fence, self._cut[0] + 1)
+        self._fence = fence if self._cut is None else max(fence, self._cut[0] + 1)  # fence: `cut_fence`
         stream_time = snapshot.get("stream_time")
         self._stream_time = _NO_TIME if stream_time is None else float(stream_time)
         if self.bound is not None and snapshot.get("bound") is not None:
@@ -445,9 +454,7 @@ class SessionWindower:
         """The line a recorded cut came after, replayed: the sessions rebuilt up to it are the ones the
         cut closed; they close again (reason idle) and the replay ends."""
         self.finish_restore()
-        # the line's own outcome (a dead letter if it named no block) was published with the cut's commit:
-        # only the windows are new, so it reads as joined
-        return AddResult(self._close_all("idle"), joined=max(1, len(line.block_ids)))
+        return AddResult(self._close_all("idle"), joined=len(line.block_ids), cut=True)
 
     def _bound_before(self) -> tuple[float, float | None, int] | None:
         """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""
@@ -513,12 +520,20 @@ class SessionWindower:
         """Close every open session after the last line fed (reason idle), oldest first.
 
         Until `forget_before` passes the cut (its commit), `snapshot()` is the state before it plus the
-        cut's offset: a replay rebuilds the sessions and closes them at the same line. Nothing is cut
-        while replaying or with nothing open (returns [])."""
-        if not self._open or self._last_offset is None or self._restoring is not None:
+        cut's offset: a replay rebuilds the sessions and closes them at the same line. The caller has
+        fed every line it read (a replay still under way ends here); with nothing open, returns []."""
+        if self._restoring is not None:
+            self.finish_restore()  # the caller cuts a partition read to its end: the replay is over
+        if not self._open or self._last_offset is None:
             return []
-        self._cut = (self._last_offset, self.snapshot())
+        self._cut = (self._last_offset, self._state())
         return self._close_all("idle")
+
+    def cut_fence(self, position: int) -> int:
+        """The position at the cut: everything read before it (the cut's line, and records after it that
+        joined nothing: refused, unparseable) is replayed after a restart, and the cut's line closes the
+        rebuilt sessions there (`AddResult.cut`)."""
+        return position
 
     def forget_before(self, offset: int) -> None:
         """A committed offset past the cut: no replay reaches it again."""
@@ -541,6 +556,10 @@ class SessionWindower:
             return self._restore_snapshot  # not rebuilt yet: the state is still the restored one
         if self._cut is not None and self._cut[1] is not None:  # a cut not yet committed: the state before it
             return {**self._cut[1], "cuts": [self._cut[0]]}
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        """The open sessions, stream time and the bound's state where a replay starts, as now."""
         snapshot: dict[str, Any] = {
             "stream_time": self._stream_time if self._stream_time != _NO_TIME else None,
             "open": [[key, session.lines[0].offset] for key, session in self._open.items()],

@@ -156,7 +156,7 @@ def test_quiet_sessions_close_after_session_idle_s_and_a_restart_before_the_comm
     assert wait_for(lambda: "cuts" in ((committed_metadata(bootstrap, settings.group_id, topic)[1] or {})
                                        .get("snapshot") or {}), 30)
     offset, metadata = committed_metadata(bootstrap, settings.group_id, topic)
-    assert offset == 0 and metadata["fence"] == 4 and metadata["snapshot"]["cuts"] == [4]
+    assert offset == 0 and metadata["fence"] == 5 and metadata["snapshot"]["cuts"] == [4]
     assert first.stop() == 0
     assert read_alerts(bootstrap, settings.alerts_topic, idle_s=0.5) == []
 

@@ -194,10 +194,10 @@ def test_a_restart_before_the_session_cut_is_committed_publishes_the_same_window
     ref_windows = emitted + held + feed(reference, lines[cut_after:]) + reference.flush()
     if not held:
         return
-    fence = lines[cut_after - 1].offset  # the cut's line: below it replayed, from it on fed again
-    commit = held[0].first_offset
     first = SessionWindower("t", 0, **kwargs)
     feed(first, lines[:cut_after])
+    fence = first.cut_fence(lines[cut_after - 1].offset + 1)  # the position at the cut: all of it replayed
+    commit = held[0].first_offset
     assert ids(first.cut()) == ids(held)
     first.forget_before(commit)
     snapshot = first.snapshot()
@@ -205,9 +205,37 @@ def test_a_restart_before_the_session_cut_is_committed_publishes_the_same_window
     second = SessionWindower("t", 0, **kwargs)
     second.restore(snapshot, fence)
     replay = [ln for ln in lines if ln.offset >= commit]
-    assert all(not second.add(ln).closed for ln in replay if ln.offset < fence)
-    again = feed(second, [ln for ln in replay if ln.offset >= fence]) + second.flush()
-    assert ids(emitted + again) == ids(ref_windows)
+    results = [second.add(ln) for ln in replay if ln.offset < fence]
+    assert [r.closed for r in results if r.closed] == [r.closed for r in results if r.cut]  # only the cut's
+    again = [w for r in results for w in r.closed] + feed(second, [ln for ln in replay if ln.offset >= fence])
+    assert ids(emitted + again + second.flush()) == ids(ref_windows)
+
+
+def test_a_second_cut_keeps_the_state_just_before_it() -> None:
+    """Quiet, a few lines, quiet again before any commit passed the first cut: the second cut's replay
+    state is the one just before it (the first cut's state would lose the sessions opened between)."""
+    windower = SessionWindower("t", 0, gap=300.0)
+    feed(windower, [line(0, 10.0, ("A",)), line(1, 11.0, ("B",))])
+    windower.cut()
+    feed(windower, [line(2, 12.0, ("C",)), line(3, 13.0, ("A",))])
+    state = windower._state()  # the state just before the second cut
+    held = windower.cut()
+    assert [(w.key, w.first_offset) for w in held] == [("C", 2), ("A", 3)]
+    assert windower.snapshot() == {**state, "cuts": [3]} and state["open"] == [["C", 2], ["A", 3]]
+
+
+def test_a_cut_after_a_replay_that_read_everything_closes_the_restored_sessions() -> None:
+    """A restart with nothing new to read: the replay reaches the end below the fence and the partition
+    goes quiet; the cut ends the replay and closes the sessions it rebuilt."""
+    lines = [line(0, 10.0, ("A",)), line(1, 11.0, ("B",)), line(2, 12.0, ("A",))]
+    first = SessionWindower("t", 0, gap=300.0)
+    feed(first, lines)
+    second = SessionWindower("t", 0, gap=300.0)
+    second.restore(first.snapshot(), fence=3)
+    assert feed(second, lines) == [] and second.restoring
+    held = second.cut()
+    assert [(w.key, w.first_offset, w.last_offset, w.close_reason) for w in held] == [
+        ("A", 0, 2, "idle"), ("B", 1, 1, "idle")]
 
 
 def test_session_windows_match_a_groupby_on_real_hdfs_lines() -> None:
