@@ -224,7 +224,6 @@ def _new_lines(count: int, columns: Sequence[Iterable[Any]]) -> list[LogLine]:
 
 
 _tuple_new = tuple.__new__
-_new_line = LogLine
 
 TEMPLATE_CACHE_ENTRIES = 16_384
 VECTOR_MIN_RECORDS = 32  # batches of fewer records are parsed line by line (`LineParser.parse_batch`)
@@ -327,7 +326,7 @@ class LineParser:
         """`parse` on each record in order, its steps inlined in one loop (the reference path)."""
         out: list[LogLine | BadRecord] = []
         append = out.append
-        fields, templates, max_bytes, new_line = self._fields, self._templates, self.max_line_bytes, _new_line
+        fields, templates, max_bytes = self._fields, self._templates, self.max_line_bytes
         find_blocks, key = BLOCK_ID.findall, (topic, partition)
         for value, offset, record_time in zip(values, offsets, record_times):
             source: TimeSource = "line"
@@ -348,7 +347,7 @@ class LineParser:
                 blocks = tuple(found) if len(found) < 2 else tuple(dict.fromkeys(found))
             else:
                 blocks = ()
-            append(new_line(topic, partition, offset, text, template, event_time, label, blocks, source))
+            append(LogLine(topic, partition, offset, text, template, event_time, label, blocks, source))
         return out
 
     def forget(self, topic: str, partition: int) -> None:
@@ -364,7 +363,7 @@ class LineParser:
         template = self._templates.get(content)
         if template is None:
             template = self._template(content)
-        return _new_line(topic, partition, offset, text, template, event_time, label,  # type: ignore[arg-type]
+        return LogLine(topic, partition, offset, text, template, event_time, label,  # type: ignore[arg-type]
                          block_ids(text), source)
 
     def _generic(self, text: str, key: tuple[str, int], record_time: float) -> tuple[str, float, None, TimeSource]:

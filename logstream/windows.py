@@ -360,14 +360,15 @@ class SessionWindower:
 
     def restore(self, snapshot: dict[str, Any], fence: int) -> None:
         """Rebuild the sessions of `snapshot` from the lines replayed below offset `fence`. A snapshot
-        with a cut (taken before the cut was committed; `fence` is then the cut's line) replays that
-        line too and closes the rebuilt sessions after it, reason idle: the windows the cut closed."""
+        with a cut (taken before the cut was committed; `fence` is then `cut_fence`, past the cut's
+        line) replays that line too and closes the rebuilt sessions after it, reason idle: the windows
+        the cut closed (`AddResult.cut`)."""
         self._restoring = {key: int(first) for key, first in snapshot.get("open", [])}
         cuts = snapshot.get("cuts") or []
         self._cut = (int(cuts[0]), None) if cuts else None
         self._restore_snapshot = snapshot
         # a cut's line is replayed too (the snapshot is the state after it), then the cut closes what it rebuilt
-        self._fence = fence if self._cut is None else max(fence, self._cut[0] + 1)  # fence: `cut_fence`
+        self._fence = fence if self._cut is None else max(fence, self._cut[0] + 1)
         stream_time = snapshot.get("stream_time")
         self._stream_time = _NO_TIME if stream_time is None else float(stream_time)
         if self.bound is not None and snapshot.get("bound") is not None:

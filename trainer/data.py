@@ -60,8 +60,7 @@ FORMATS = {"hdfs": "hdfs", "bgl": "bgl", "thunderbird": "thunderbird", "liberty"
 # HDFS log); the consumer's 100,000 would close sessions early, so the trainer allows far more.
 HDFS_SESSION_MAX_OPEN = 10_000_000
 SESSION_OPTIONS = ("gap", "grace", "max_lines", "max_open", "max_future", "future_policy", "future_confirm")
-LOGLLM_CSV_HEADER = ["line_no", "window", "label", "content"]
-# CSV files saved by spreadsheet tools often open with a UTF-8 byte-order mark: not part of the header.
+LOGLLM_CSV_HEADER = ["line_no", "window", "label", "content"]  # read with files.CSV_ENCODING (a BOM is no header)
 
 
 @dataclass(slots=True)
