@@ -1,59 +1,50 @@
 """A consume batch parsed in one pass of Arrow compute kernels (RE2 regular expressions, C++ loops).
 
 `LineParser.parse_batch` hands the records of a fixed-header format (HDFS, BGL, Thunderbird,
-Liberty) here first. One kernel call finds the batch's *plain* records: ASCII text of the format's
-exact header shape, with only printable characters, spaces, tabs and inner newlines (line
-terminators only at the end), and no more than the record size limit. For a plain record every
-step of the per-line parser (`logstream.parsing`) is a fixed function of its bytes that a kernel
-computes for the whole batch at once:
+Liberty) here first. Kernels find the batch's *plain* records: printable ASCII (no tab, no inner
+line break) once the line terminators at the end are trimmed, with the format's exact header shape
+(checked field by field on the split header, cheap kernels over short columns; only the BGL date
+and the HDFS date take a regular expression, over those few bytes), and no more than the record
+size limit. For a plain record every step of the per-line parser (`logstream.parsing`) is a fixed
+function of its bytes that a kernel computes for the whole batch at once:
 
 - decoding is the identity (ASCII) less the line terminators at the end, and no check of
   `decode_record` can fail;
 - the header splits at the same places (`str.split` and the HDFS pattern read the same fields);
 - the event time is the same IEEE arithmetic (BGL: timestamp + micros / 1e6; HDFS: whole seconds
   from the `calendar.timegm` formula, a table of month starts and integer sums);
-- the template is the content with every whitespace-separated token that holds a digit or `/`, or
-  is a run of 8 or more hex letters, replaced by `<*>` (`masking.mask`). A batch whose contents
-  hold no tab or newline (the only whitespace besides the space a plain record has) is masked token
-  by token: split at single spaces (a run of spaces gives empty tokens, which the join restores),
-  each *distinct* token tested once (dictionary encoding: tokens repeat across lines), joined
-  back. Otherwise the whole-content RE2 rule, with `masking.mask` itself where the hex rule may
-  apply (it needs a lookaround RE2 has not);
+- the template is the content with every space-separated token that holds a digit or `/`, or is
+  a run of 8 or more hex letters, replaced by `<*>` (`masking.mask`): split at single spaces (a
+  run of spaces gives empty tokens, which the join restores), each *distinct* token tested once
+  (dictionary encoding: tokens repeat across lines), joined back;
 - block ids: `masking.block_ids` on the decoded lines, skipped for a batch whose bytes name no
   `blk_` (one byte search over the batch's buffer).
 
-Every other record (non-ASCII text, odd spacing, control characters, a broken header, an empty
-content, too large, empty, undecodable) is left to the per-line parser, which stays the reference:
-the differential tests (`tests/unit/test_parse_batch.py`) compare both on every shared sample
-line and on generated good and bad records.
+Every other record (a tab or an inner line break, non-ASCII text, odd spacing, control characters,
+a broken header, an empty content, too large, empty, undecodable) is left to the per-line parser,
+which stays the reference: the differential tests (`tests/unit/test_parse_batch.py`) compare both
+on every shared sample line and on generated good and bad records.
 """
 
 from __future__ import annotations
 
 import calendar
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from logstream.masking import BLOCK_ID, MASK, block_ids, mask
+from logstream.masking import BLOCK_ID, MASK, block_ids
 
-# Characters a plain record may hold: printable ASCII, space, tab and (inside) newline.
-_BODY = r"(?:[\t\n -~]*[\t -~])?[\r\n]*"  # a run of them not ending with a newline, then line terminators
-_TOKEN = r"[!-~]+"  # a header field: printable, no whitespace
-_STAMP = r"[0-9]{1,15} +[0-9]{4}\.[0-9]{2}\.[0-9]{2}"  # unix time (exact in a double) and yyyy.mm.dd
-# BGL: <Label> <Timestamp> <Date> <Node> <Time> <NodeRepeat> <Type> <Component> <Level> <Content>
-_BGL = rf"^{_TOKEN} +{_STAMP}(?: +{_TOKEN}){{6}} +[!-~]{_BODY}$"
-# Thunderbird, Liberty: <Label> <Timestamp> <Date> <Admin> <Month> <Day> <Time> <AdminAddr> <Content>
-_THUNDERBIRD = rf"^{_TOKEN} +{_STAMP}(?: +{_TOKEN}){{5}} +[!-~]{_BODY}$"
-# HDFS: <yymmdd> <hhmmss> <Pid> <Level> <Component>: <Content>; the month is checked (1-12), as timegm does
-_HDFS = rf"^[0-9]{{2}}(?:0[1-9]|1[0-2])[0-9]{{2}} [0-9]{{6}} [0-9]+ {_TOKEN} {_TOKEN}: {_BODY}$"
+_DATE = r"^[0-9]{4}\.[0-9]{2}\.[0-9]{2}$"  # the date field of BGL, Thunderbird, Liberty: yyyy.mm.dd
+_STAMP_DIGITS = 15  # the timestamp field: 1-15 digits (every such integer is exact in a double)
+_HDFS_DATE = r"^[0-9]{2}(?:0[1-9]|1[0-2])[0-9]{2}$"  # yymmdd with a month of 1-12, as timegm needs
 _MICROS = r"(?:^|\.)[0-9]{6}$"  # BGL Time field: six digits after its last dot (or the whole field)
-_VARIABLE = r"\S*[0-9/]\S*"  # a token with a digit or a slash (masking.mask's first rule)
-_HEX_RUN = r"[A-Fa-f]{8}"  # a content that masking.mask's hex rule may touch
 _VARIABLE_CHAR = r"[0-9/]"  # a token masking.mask replaces for a digit or slash in it
 _HEX_TOKEN = r"^[A-Fa-f]{8,}$"  # a token masking.mask replaces as a hex id
+_BLOCK = re.compile(rb"blk_")
 
 # Days from the epoch to the first of each month of 2000-2099 (HDFS years are 2000 + yy).
 _MONTH_DAYS = pa.array([calendar.timegm((2000 + year, month, 1, 0, 0, 0)) // 86_400
@@ -62,16 +53,16 @@ _MONTH_DAYS = pa.array([calendar.timegm((2000 + year, month, 1, 0, 0, 0)) // 86_
 
 @dataclass(frozen=True, slots=True)
 class _Layout:
-    plain: str  # the pattern of a plain record
     fields: int  # header fields before the content
-    labelled: bool  # the first field is the label ("-" = normal)
+    labelled: bool  # BGL, Thunderbird, Liberty: the first field is the label ("-" = normal), split at
+    # whitespace runs (`str.split()`), timestamp and date in fields 1 and 2; HDFS: split at single spaces
 
 
 _LAYOUTS = {
-    "bgl": _Layout(_BGL, 9, True),
-    "thunderbird": _Layout(_THUNDERBIRD, 8, True),
-    "liberty": _Layout(_THUNDERBIRD, 8, True),
-    "hdfs": _Layout(_HDFS, 5, False),
+    "bgl": _Layout(9, True),
+    "thunderbird": _Layout(8, True),
+    "liberty": _Layout(8, True),
+    "hdfs": _Layout(5, False),
 }
 
 
@@ -111,25 +102,26 @@ class ArrowBatchParser:
     def parse(self, values: Sequence[bytes | None]) -> PlainLines:
         """Parse the plain records among `values` (None: a record without a value, never plain)."""
         data = pa.array(values, pa.binary())
-        plain = pc.match_substring_regex(data, self._layout.plain)
+        # Printable ASCII once the terminators at the end are gone (bytes: the text of a non-UTF-8
+        # record is never read as such, every kernel here looks at single bytes until it is refused).
+        text = pc.ascii_rtrim(data.view(pa.string()), characters="\r\n")
+        plain = pc.ascii_is_printable(text)
         lengths = pc.binary_length(data)
         if (pc.max(lengths).as_py() or 0) > self.max_line_bytes:
             plain = pc.and_(plain, pc.less_equal(lengths, self.max_line_bytes))
-        plain = pc.fill_null(plain, False)
-        count = pc.sum(plain).as_py() or 0
-        if count == 0:
+        rows, text = _keep(pc.fill_null(plain, False), None, text)
+        if not rows:
             return PlainLines([], [], [], [], [], [])
-        if count < len(values):
-            rows = pc.indices_nonzero(plain).to_pylist()
-            data = pc.filter(data, plain)
-        else:
-            rows = list(range(len(values)))
-        text = pc.utf8_rtrim(data.view(pa.string()), characters="\r\n")  # ASCII: valid UTF-8 as it is
         layout = self._layout
         if layout.labelled:
             parts = pc.ascii_split_whitespace(text, max_splits=layout.fields)
         else:
             parts = pc.split_pattern(text, " ", max_splits=layout.fields)
+        for shape in (_has_fields, _labelled_shape if layout.labelled else _hdfs_shape):
+            rows, text, parts = _keep(shape(parts, layout.fields), rows, text, parts)
+            if not rows:
+                return PlainLines([], [], [], [], [], [])
+        count = len(rows)
         content = pc.list_element(parts, layout.fields)
         raw = text.to_pylist()
         if self.format == "bgl":
@@ -144,6 +136,64 @@ class ArrowBatchParser:
         else:
             labels = [None] * count
         return PlainLines(rows, raw, _templates(content), times.to_pylist(), labels, _blocks(text, raw))
+
+
+def _keep(keep: pa.BooleanArray, rows: list[int] | None, *columns: pa.Array) -> tuple[list[int], ...]:
+    """The rows where `keep` holds: their batch indices (`rows`: the indices of the current rows, None
+    for the whole batch) and each column filtered to them (unfiltered when every row holds)."""
+    kept = pc.sum(keep).as_py() or 0
+    if kept == len(keep):
+        return (list(range(kept)) if rows is None else rows, *columns)
+    if kept == 0:
+        return ([], *columns)
+    where = pc.indices_nonzero(keep).to_pylist()
+    picked = where if rows is None else [rows[i] for i in where]
+    return (picked, *(pc.filter(column, keep) for column in columns))
+
+
+def _has_fields(parts: pa.ListArray, fields: int) -> pa.BooleanArray:
+    """Split lines with every header field and a content (the fields the shape checks then read)."""
+    return pc.equal(pc.list_value_length(parts), fields + 1)
+
+
+def _labelled_shape(parts: pa.ListArray, fields: int) -> pa.BooleanArray:
+    """`^label +timestamp +yyyy.mm.dd( +field){fields - 3} +content` over a printable line split at
+    whitespace runs: no leading space (an empty first part), every header field there, a non-empty
+    content (a line of only a header splits into fewer parts or an empty last one)."""
+    stamp = pc.list_element(parts, 1)
+    return _all(
+        pc.greater(pc.binary_length(pc.list_element(parts, 0)), 0),
+        pc.ascii_is_decimal(stamp),
+        pc.less_equal(pc.binary_length(stamp), _STAMP_DIGITS),
+        pc.match_substring_regex(pc.list_element(parts, 2), _DATE),
+        pc.greater(pc.binary_length(pc.list_element(parts, fields)), 0),
+    )
+
+
+def _hdfs_shape(parts: pa.ListArray, fields: int) -> pa.BooleanArray:
+    r"""`^yymmdd hhmmss pid level component: content` over a printable line split at single spaces (two
+    spaces give an empty field): `parse_hdfs`'s pattern `(\d{6}) (\d{6}) (\d+) (\S+) (\S+?):(?: (.*))?$`
+    on the lines that have the space after the colon; the content may be empty."""
+    clock = pc.list_element(parts, 1)
+    component = pc.list_element(parts, fields - 1)  # the last header field
+    return _all(
+        pc.match_substring_regex(pc.list_element(parts, 0), _HDFS_DATE),
+        pc.ascii_is_decimal(clock),
+        pc.equal(pc.binary_length(clock), 6),
+        pc.ascii_is_decimal(pc.list_element(parts, 2)),
+        pc.greater(pc.binary_length(pc.list_element(parts, 3)), 0),
+        pc.ends_with(component, ":"),
+        pc.greater(pc.binary_length(component), 1),
+    )
+
+
+def _all(*conditions: pa.BooleanArray) -> pa.BooleanArray:
+    """Row-wise AND of the conditions (no condition has a missing value: the lines are not null and
+    have every field)."""
+    result = conditions[0]
+    for condition in conditions[1:]:
+        result = pc.and_(result, condition)
+    return result
 
 
 def _bgl_times(parts: pa.ListArray) -> pa.DoubleArray:
@@ -175,33 +225,9 @@ def _hdfs_times(parts: pa.ListArray) -> pa.DoubleArray:
 
 
 def _templates(content: pa.StringArray) -> list[str]:
-    """`masking.mask` of each content: token by token where the only whitespace is the space, else RE2
-    for the digit/slash rule and `mask` itself where the hex rule may apply."""
-    if not _holds_any(content, (b"\t", b"\n")):
-        return _token_templates(content)
-    templates = pc.replace_substring_regex(content, _VARIABLE, MASK).to_pylist()
-    hex_rows = pc.match_substring_regex(content, _HEX_RUN)
-    if pc.any(hex_rows).as_py():
-        for row in pc.indices_nonzero(hex_rows).to_pylist():
-            templates[row] = mask(content[row].as_py())
-    return templates
-
-
-def _blocks(text: pa.StringArray, raw: list[str]) -> list[tuple[str, ...]]:
-    """`masking.block_ids` of each line: its matches in order, a line naming a block twice through the
-    function itself (a batch naming no `blk_` at all skips the search)."""
-    if not _holds_any(text, (b"blk_",)):
-        return [()] * len(raw)
-    found = list(map(BLOCK_ID.findall, raw))
-    blocks = list(map(tuple, found))
-    for row in [row for row, ids in enumerate(found) if len(ids) > 1]:
-        blocks[row] = block_ids(raw[row])
-    return blocks
-
-
-def _token_templates(content: pa.StringArray) -> list[str]:
-    """`masking.mask` of contents whose only whitespace is the space: split at each space, each distinct
-    token masked once (a digit or `/` in it, or all of it 8+ hex letters), joined with single spaces."""
+    """`masking.mask` of each content of a plain record (its only whitespace is the space): split at each
+    space, each distinct token masked once (a digit or `/` in it, or all of it 8+ hex letters), joined
+    with single spaces."""
     tokens = pc.split_pattern(content, " ")
     encoded = pc.dictionary_encode(pc.list_flatten(tokens))
     distinct = encoded.dictionary
@@ -211,11 +237,14 @@ def _token_templates(content: pa.StringArray) -> list[str]:
     return pc.binary_join(pa.ListArray.from_arrays(tokens.offsets, masked), " ").to_pylist()
 
 
-def _holds_any(strings: pa.StringArray, needles: tuple[bytes, ...]) -> bool:
-    """Whether any needle occurs in the bytes under `strings` (a byte search over its data buffer; a
-    sliced or filtered array's buffer may hold bytes of rows outside it: a false yes, never a false no)."""
-    data = strings.buffers()[2]
-    if data is None:
-        return False
-    whole = data.to_pybytes()
-    return any(needle in whole for needle in needles)
+def _blocks(text: pa.StringArray, raw: list[str]) -> list[tuple[str, ...]]:
+    """`masking.block_ids` of each line: its matches in order, a line naming a block twice through the
+    function itself (a batch naming no `blk_` at all skips the search)."""
+    data = text.buffers()[2]  # a filtered array's buffer may hold bytes of other rows: a false yes at worst
+    if data is None or _BLOCK.search(memoryview(data)) is None:
+        return [()] * len(raw)
+    found = list(map(BLOCK_ID.findall, raw))
+    blocks = list(map(tuple, found))
+    for row in [row for row, ids in enumerate(found) if len(ids) > 1]:
+        blocks[row] = block_ids(raw[row])
+    return blocks

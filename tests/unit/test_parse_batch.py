@@ -171,14 +171,30 @@ SPACED = st.lists(st.sampled_from(PLAIN_TOKENS + ["", "", "deadbeefa", "DeadBeef
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(SPACED, min_size=1, max_size=30), st.sampled_from(["", "\t", "\n"]))
-def test_kernel_masking_is_mask(contents: list[str], odd: str) -> None:
-    """The kernels' template of a plain content is `masking.mask`'s: token by token when the batch's only
-    whitespace is the space (runs of spaces, leading and trailing ones, hex runs of 7-9 letters), and by
-    the whole-content rule when a tab or newline is somewhere in it."""
-    if odd:
-        contents = [*contents, f"x{odd}y 12"]
+@given(st.lists(SPACED, min_size=1, max_size=30))
+def test_kernel_masking_is_mask(contents: list[str]) -> None:
+    """The kernels' template of a plain content (its only whitespace is the space) is `masking.mask`'s,
+    token by token: runs of spaces, leading and trailing ones, hex runs of 7-9 letters."""
     assert _templates(pa.array(contents, pa.string())) == [mask(content) for content in contents]
+
+
+@pytest.mark.parametrize("fmt", ["bgl", "thunderbird", "hdfs"])
+def test_tabs_and_inner_breaks_take_the_reference_path(fmt: str) -> None:
+    """A plain record is printable ASCII: a tab or an inner line break sends the record to the per-line
+    parser (which splits BGL headers at tabs too, and masks tab-separated tokens), its neighbours stay
+    on the kernels."""
+    header = "081109 203615 148 INFO dfs.X: " if fmt == "hdfs" else "- 1117838570 2005.06.03 R02 x y z w v "
+    if fmt == "thunderbird":
+        header = "- 1131566461 2005.11.09 tbird-admin1 Nov 10 00:01:01 local@tbird-admin1 "
+    contents = ["a 12 b", "a\t12 b", "deadbeefcafe\t/x", "a\n12", "a b"]
+    values: list[bytes | None] = [(header + content).encode() for content in contents]
+    if fmt != "hdfs":
+        values.append(header.replace(" ", "\t", 2).encode() + b"tabbed header 7")
+    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    assert plain.rows == [0, 4]
+    times = record_times_for(len(values))
+    expected = one_by_one(LineParser(fmt), values, times)
+    assert batched(LineParser(fmt, vector_min=1), values, times, [len(values)]) == expected
 
 
 def test_hardening_inputs_through_the_vectorized_path() -> None:
