@@ -17,7 +17,8 @@ function of its bytes that a kernel computes for the whole batch at once:
   a run of 8 or more hex letters, replaced by `<*>` (`masking.mask`): split at single spaces (a
   run of spaces gives empty tokens, which the join restores), each *distinct* token tested once
   (dictionary encoding: tokens repeat across lines), joined back;
-- block ids: `masking.block_ids` on the decoded lines, skipped for a batch whose bytes name no
+- block ids: `masking.block_ids`, read off the same distinct tokens (an id never spans a space;
+  the header fields of free text are checked on their own), skipped for a batch whose bytes name no
   `blk_` (one byte search over the batch's buffer).
 
 Every other record (a tab or an inner line break, non-ASCII text, odd spacing, control characters,
@@ -56,6 +57,12 @@ class _Layout:
     fields: int  # header fields before the content
     labelled: bool  # BGL, Thunderbird, Liberty: the first field is the label ("-" = normal), split at
     # whitespace runs (`str.split()`), timestamp and date in fields 1 and 2; HDFS: split at single spaces
+
+    @property
+    def free_fields(self) -> tuple[int, ...]:
+        """Header fields of free text; the shape check holds the others to digits and dots (labelled:
+        timestamp and date; HDFS: date, time and pid)."""
+        return (0, *range(3, self.fields)) if self.labelled else tuple(range(3, self.fields))
 
 
 _LAYOUTS = {
@@ -135,7 +142,9 @@ class ArrowBatchParser:
             labels = pc.not_equal(pc.list_element(parts, 0), "-").to_pylist()
         else:
             labels = [None] * count
-        return PlainLines(rows, raw, _templates(content), times.to_pylist(), labels, _blocks(text, raw))
+        tokens = _Tokens(content)
+        return PlainLines(rows, raw, tokens.templates(), times.to_pylist(), labels,
+                          tokens.blocks(text, parts, layout.free_fields, raw))
 
 
 def _keep(keep: pa.BooleanArray, rows: list[int] | None, *columns: pa.Array) -> tuple[list[int], ...]:
@@ -224,27 +233,50 @@ def _hdfs_times(parts: pa.ListArray) -> pa.DoubleArray:
     return pc.cast(total, pa.float64())
 
 
-def _templates(content: pa.StringArray) -> list[str]:
-    """`masking.mask` of each content of a plain record (its only whitespace is the space): split at each
-    space, each distinct token masked once (a digit or `/` in it, or all of it 8+ hex letters), joined
-    with single spaces."""
-    tokens = pc.split_pattern(content, " ")
-    encoded = pc.dictionary_encode(pc.list_flatten(tokens))
-    distinct = encoded.dictionary
-    variable = pc.or_(pc.match_substring_regex(distinct, _VARIABLE_CHAR),
-                      pc.match_substring_regex(distinct, _HEX_TOKEN))
-    masked = pc.take(pc.if_else(variable, MASK, distinct), encoded.indices)
-    return pc.binary_join(pa.ListArray.from_arrays(tokens.offsets, masked), " ").to_pylist()
+class _Tokens:
+    """The space-separated tokens of the contents of plain records (their only whitespace is the space),
+    dictionary-encoded: each rule looks at each *distinct* token once (tokens repeat across lines)."""
 
+    def __init__(self, content: pa.StringArray) -> None:
+        self.lists = pc.split_pattern(content, " ")  # a run of spaces gives empty tokens: the join restores it
+        encoded = pc.dictionary_encode(pc.list_flatten(self.lists))
+        self.distinct: pa.StringArray = encoded.dictionary
+        self.indices: pa.Int32Array = encoded.indices  # per token, in line order: its distinct token
 
-def _blocks(text: pa.StringArray, raw: list[str]) -> list[tuple[str, ...]]:
-    """`masking.block_ids` of each line: its matches in order, a line naming a block twice through the
-    function itself (a batch naming no `blk_` at all skips the search)."""
-    data = text.buffers()[2]  # a filtered array's buffer may hold bytes of other rows: a false yes at worst
-    if data is None or _BLOCK.search(memoryview(data)) is None:
-        return [()] * len(raw)
-    found = list(map(BLOCK_ID.findall, raw))
-    blocks = list(map(tuple, found))
-    for row in [row for row, ids in enumerate(found) if len(ids) > 1]:
-        blocks[row] = block_ids(raw[row])
-    return blocks
+    def templates(self) -> list[str]:
+        """`masking.mask` of each content: each token with a digit or `/` in it, or all of it 8+ hex letters,
+        replaced by `<*>`, joined with single spaces."""
+        distinct = self.distinct
+        variable = pc.or_(pc.match_substring_regex(distinct, _VARIABLE_CHAR),
+                          pc.match_substring_regex(distinct, _HEX_TOKEN))
+        masked = pc.take(pc.if_else(variable, MASK, distinct), self.indices)
+        return pc.binary_join(pa.ListArray.from_arrays(self.lists.offsets, masked), " ").to_pylist()
+
+    def blocks(self, text: pa.StringArray, parts: pa.ListArray, free_fields: tuple[int, ...],
+               raw: list[str]) -> list[tuple[str, ...]]:
+        """`masking.block_ids` of each line: a block id never spans a space, so the line's ids are those of
+        its tokens in order (each distinct token searched once, its tuple shared by the lines naming
+        it), repeats dropped; a line with `blk_` in a header field of free text (`free_fields`: the
+        others hold only digits and dots) takes `block_ids` itself. A batch
+        whose bytes name no `blk_` at all skips the search."""
+        count = len(raw)
+        data = text.buffers()[2]  # a filtered array's buffer may hold bytes of other rows: a false yes at worst
+        if data is None or _BLOCK.search(memoryview(data)) is None:
+            return [()] * count
+        named = pc.match_substring(self.distinct, "blk_")
+        blocks: list[tuple[str, ...]] = [()] * count
+        if pc.any(named).as_py():
+            ids = {index: tuple(BLOCK_ID.findall(token)) for index, token in
+                   zip(pc.indices_nonzero(named).to_pylist(), pc.filter(self.distinct, named).to_pylist())}
+            at = pc.indices_nonzero(pc.take(named, self.indices))  # tokens, in line order, that name a block
+            lines = pc.take(pc.list_parent_indices(self.lists), at).to_pylist()
+            for row, index in zip(lines, pc.take(self.indices, at).to_pylist()):
+                found, before = ids[index], blocks[row]
+                if found:  # most lines: one token naming one block, its shared tuple
+                    blocks[row] = found if not before and len(found) < 2 else tuple(dict.fromkeys(before + found))
+        for field in free_fields:
+            in_header = pc.match_substring(pc.list_element(parts, field), "blk_")
+            if pc.any(in_header).as_py():
+                for row in pc.indices_nonzero(in_header).to_pylist():
+                    blocks[row] = block_ids(raw[row])
+        return blocks

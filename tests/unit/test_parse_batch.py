@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logstream.arrowparse import ArrowBatchParser, _templates
-from logstream.masking import mask
+from logstream.arrowparse import ArrowBatchParser, _Tokens
+from logstream.masking import block_ids, mask
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine
 from tests.hardening_inputs import CLOCK_AHEAD_HDFS
@@ -175,7 +175,7 @@ SPACED = st.lists(st.sampled_from(PLAIN_TOKENS + ["", "", "deadbeefa", "DeadBeef
 def test_kernel_masking_is_mask(contents: list[str]) -> None:
     """The kernels' template of a plain content (its only whitespace is the space) is `masking.mask`'s,
     token by token: runs of spaces, leading and trailing ones, hex runs of 7-9 letters."""
-    assert _templates(pa.array(contents, pa.string())) == [mask(content) for content in contents]
+    assert _Tokens(pa.array(contents, pa.string())).templates() == [mask(content) for content in contents]
 
 
 @pytest.mark.parametrize("fmt", ["bgl", "thunderbird", "hdfs"])
@@ -237,3 +237,22 @@ def test_vectorized_path_on_edited_real_lines(fmt: str, edits: list[tuple[int, i
     times = record_times_for(len(values))
     expected = one_by_one(LineParser(fmt), values, times)
     assert batched(LineParser(fmt, vector_min=1), values, times, [len(values)]) == expected
+
+
+@pytest.mark.parametrize("fmt", ["hdfs", "bgl"])
+def test_block_ids_from_tokens(fmt: str) -> None:
+    """Block ids come from the content's distinct tokens: a token naming two blocks, two tokens naming the
+    same block, `blk_` without digits, and a block named in a header field (taken from the whole line)."""
+    header = "081109 203615 148 INFO dfs.X: " if fmt == "hdfs" else "- 1117838570 2005.06.03 R02 x y z w v "
+    contents = ["Receiving blk_1 src", "copy blk_1/blk_-2 and blk_3", "blk_5 again blk_5 then blk_4 blk_5",
+                "blk_x blk_- blk_", "no block", "blk_-7."]
+    values: list[bytes | None] = [(header + content).encode() for content in contents]
+    if fmt == "hdfs":
+        values.append(b"081109 203615 148 blk_9 dfs.X: Receiving blk_1")
+        values.append(b"081109 203615 148 INFO blk_8: blk_1 blk_8")
+    else:
+        values.append(b"- 1117838570 2005.06.03 blk_9 x y z w v Receiving blk_1")
+    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    assert plain.rows == list(range(len(values)))
+    assert plain.blocks == [block_ids(value.decode()) for value in values if value is not None]
+    assert plain.blocks[1] == ("blk_1", "blk_-2", "blk_3") and plain.blocks[2] == ("blk_5", "blk_4")
