@@ -39,7 +39,9 @@ class LogLine(NamedTuple):
 
 @dataclass(slots=True)
 class Window:
-    """A closed window of lines, ready to be scored."""
+    """A closed window of lines, ready to be scored. Raises ValueError without lines.
+
+    Its lines are not changed once it is closed (the id is read from the first and last offsets)."""
 
     kind: WindowKind
     key: str  # block id for sessions; "<topic>/<partition>" for count windows
@@ -47,12 +49,19 @@ class Window:
     partition: int
     lines: list[LogLine]
     close_reason: CloseReason
-    window_id: str = field(default="", init=False)
+    _id: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.lines:
             raise ValueError("a window holds at least one line")
-        self.window_id = window_id(self.topic, self.partition, self.kind, self.key, self.first_offset, self.last_offset)
+
+    @property
+    def window_id(self) -> str:
+        """`window_id` of this window, hashed on first use: most windows are judged normal and never
+        published, so most never need it (a session window closes every ~7 HDFS lines)."""
+        if not self._id:
+            self._id = window_id(self.topic, self.partition, self.kind, self.key, self.first_offset, self.last_offset)
+        return self._id
 
     @property
     def first_offset(self) -> int:
