@@ -1,4 +1,4 @@
-"""A consume batch parsed in one pass of Arrow compute kernels (RE2 regular expressions, C++ loops).
+"""A consume batch parsed by Arrow compute kernels, each a C++ loop over the whole batch (RE2 for the few regexes).
 
 `LineParser.parse_batch` hands the records of a fixed-header format (HDFS, BGL, Thunderbird,
 Liberty) here first. Kernels find the batch's *plain* records: printable ASCII (no tab, no inner
@@ -147,7 +147,8 @@ class ArrowBatchParser:
                           tokens.blocks(text, parts, layout.free_fields, raw))
 
 
-def _keep(keep: pa.BooleanArray, rows: list[int] | None, *columns: pa.Array) -> tuple[list[int], ...]:
+def _keep(keep: pa.BooleanArray, rows: list[int] | None,
+          *columns: pa.Array) -> tuple[list[int], *tuple[pa.Array, ...]]:
     """The rows where `keep` holds: their batch indices (`rows`: the indices of the current rows, None
     for the whole batch) and each column filtered to them (unfiltered when every row holds)."""
     kept = pc.sum(keep).as_py() or 0
@@ -257,8 +258,8 @@ class _Tokens:
         """`masking.block_ids` of each line: a block id never spans a space, so the line's ids are those of
         its tokens in order (each distinct token searched once, its tuple shared by the lines naming
         it), repeats dropped; a line with `blk_` in a header field of free text (`free_fields`: the
-        others hold only digits and dots) takes `block_ids` itself. A batch
-        whose bytes name no `blk_` at all skips the search."""
+        others hold only digits and dots) takes `block_ids` itself. A batch whose bytes name no
+        `blk_` at all skips the search."""
         count = len(raw)
         data = text.buffers()[2]  # a filtered array's buffer may hold bytes of other rows: a false yes at worst
         if data is None or _BLOCK.search(memoryview(data)) is None:
