@@ -145,7 +145,8 @@ class Ingest:
         """Count windows take the batch's good lines in one call (`CountWindower.add_batch`; no line is
         ever late, unkeyed or from the future there), with the side effects `add` on each line would
         have: bad records counted and dead-lettered in place, windows opened counted, windows closed
-        below the replay fence suppressed."""
+        below the replay fence suppressed, but for a replayed idle cut's (held, never published: they go
+        now, as `_apply` does with `AddResult.cut`)."""
         fence = state.fence
         good = [line for line in parsed if not isinstance(line, BadRecord)]
         if len(good) < len(parsed):
@@ -160,8 +161,8 @@ class Ingest:
         if opened:
             self.metrics.windows_opened.labels(self.settings.window).inc(opened)
         suppressed: dict[int, int] = {}
-        for offset, window in result.closed:
-            if offset < fence:
+        for offset, window, cut in result.closed:
+            if offset < fence and not cut:
                 suppressed[offset] = suppressed.get(offset, 0) + 1
             else:
                 closed.append(window)
@@ -230,9 +231,12 @@ class Ingest:
                 log.info("late_line", partition=f"{topic}/{partition}", offset=message.offset(),
                          keys=list(result.late_keys))
         if result.closed:
-            if replay and not result.cut:  # a replayed cut's windows were held, never published: they go now
-                log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}", offset=message.offset(),
-                            windows=len(result.closed))
+            if replay:  # a replayed cut's windows (the last `cut`) were held, never published: they go now
+                suppressed = len(result.closed) - result.cut
+                if suppressed:
+                    log.warning("replayed_window_suppressed", partition=f"{topic}/{partition}",
+                                offset=message.offset(), windows=suppressed)
+                closed.extend(result.closed[suppressed:])
             else:
                 closed.extend(result.closed)
 

@@ -53,8 +53,9 @@ class PartitionState:
         """The committable position now (None: nothing read, or nothing new since the last commit).
 
         Commit offset: the oldest open window's first line (else the next offset to read); fence:
-        the next offset to read. Windows held by an idle cut pull both back, so a replay from the
-        commit reaches the cut and publishes them."""
+        the next offset to read. Windows held by an idle cut pull the commit offset back to their first
+        line and the fence to the one the cut named (`Windower.cut_fence`: the position at the cut), so a
+        replay from the commit reaches the cut's line, below the fence, and publishes them there."""
         if self.position is None:
             return None
         oldest = self.windower.oldest_open_offset()

@@ -363,9 +363,10 @@ class Pipeline:
         (session windows; off by default) close (reason idle) after their last line.
 
         The cut goes into the next commit's metadata before its windows are published (they are held
-        until then), with the fence the windower names (`Windower.cut_fence`: count windows the cut's
-        line, sessions the position at the cut): a replay from that commit cuts at the same line and
-        publishes them, so a restart sees the same windows with the same ids.
+        until then), with the fence the windower names (`Windower.cut_fence`: the position at the cut):
+        a replay from that commit cuts at the same line and publishes them though below the fence
+        (`AddResult.cut`), so a restart sees the same windows with the same ids and repeats no other
+        output of the records read before the cut (dead letters after the cut's line).
         """
         idle_s = self.settings.session_idle_s if self.settings.window == "session" else self.settings.window_idle_s
         if not idle_s or self.settings.once or self.policy.pending is not None:

@@ -7,7 +7,9 @@ Count windows: a window starts every `stride` lines and closes when it holds `si
 (stride = size gives the paper's non-overlapping windows; a smaller stride slides). The caller may
 *cut* a quiet partition (`CountWindower.cut()`, the pipeline's `--window-idle-s`): every open window
 closes after the last line fed (reason `idle`) and the next line starts afresh. The cut is part of the
-state a replay needs (`snapshot()`), so a replay closes the same windows at the same line.
+state a replay needs (`snapshot()`), so a replay closes the same windows at the same line, and says
+they are the cut's (`AddResult.cut`, the flag of `CountBatch.closed`): held until the cut was committed,
+they were never published, so they go out although below the commit's fence (`cut_fence`).
 
 Session windows (Kafka Streams' semantics, in event time): each block id named by a line has its
 own session; a line naming several blocks joins each of them. With `stream_time` the largest event
@@ -79,17 +81,21 @@ class AddResult:
     opened: int = 0  # windows this line started (metrics: windows opened)
     future: bool = False  # refused by the event-time bound (the caller dead-letters it as future_timestamp)
     clamped: bool = False  # joined with its event time clamped by the event-time bound
-    cut: bool = False  # the windows closed are a recorded idle cut's, replayed: never published yet
+    # how many of `closed`, the last ones, a recorded idle cut closed again on replay: held until the cut
+    # was committed, never published, they go out although the line is below the fence (`cut_fence`)
+    cut: int = 0
 
 
 @dataclass(slots=True)
 class CountBatch:
     """What feeding a run of lines to a `CountWindower` did (`add_batch`).
 
-    Every line joins at least one window. `closed`: (offset of the line that closed it, window), in
-    closing order; `opened_at`: offsets of the lines that started a window."""
+    Every line joins at least one window. `closed`: (offset of the line that closed it, window, cut), in
+    closing order, `cut` True for a window a recorded idle cut closed again on replay (`AddResult.cut`:
+    never published, it goes out although below the fence); `opened_at`: offsets of the lines that
+    started a window."""
 
-    closed: list[tuple[int, Window]] = field(default_factory=list)
+    closed: list[tuple[int, Window, bool]] = field(default_factory=list)
     opened_at: list[int] = field(default_factory=list)
 
 
@@ -185,8 +191,10 @@ class Windower(Protocol):
         `snapshot()` until `forget_before` passes it, so a replay closes the same windows."""
 
     def cut_fence(self, position: int) -> int:
-        """The fence a commit of a cut not yet published carries (`position`: the next offset to read):
-        where a replay stops treating lines as already handled so that the cut's windows come again."""
+        """The fence a commit of a cut not yet published carries (`position`: the next offset to read
+        when the cut was taken). Every record read before the cut was handled (its dead letter, the
+        windows it closed are part of that commit), so a replay repeats none of it; the cut's line, met
+        again below the fence, closes the cut's windows, which are published then (`AddResult.cut`)."""
 
     def oldest_open_offset(self) -> int | None:
         """First offset of the oldest open window: replay must start there (None when none is open)."""
@@ -237,7 +245,9 @@ class CountWindower:
         if len(self._open[0]) == self.size:
             result.closed.append(self._window(self._open.popleft(), "size"))
         if line.offset in self._cuts:  # replaying past a recorded cut: close where it closed
-            result.closed.extend(self._close_all("idle"))
+            cut = self._close_all("idle")
+            result.closed.extend(cut)
+            result.cut = len(cut)
         return result
 
     def add_batch(self, lines: Sequence[LogLine]) -> CountBatch:
@@ -268,13 +278,15 @@ class CountWindower:
             last = chunk[-1].offset
             self._last_offset = last
             if len(open_[0]) == size:
-                batch.closed.append((last, self._window(open_.popleft(), "size")))
+                batch.closed.append((last, self._window(open_.popleft(), "size"), False))
             if last in cuts:  # replaying past a recorded cut: close where it closed
-                batch.closed.extend((last, window) for window in self._close_all("idle"))
+                batch.closed.extend((last, window, True) for window in self._close_all("idle"))
         return batch
 
     def cut(self) -> list[Window]:
-        """Close every open window after the last line fed (reason `idle`); the cut is kept for replay."""
+        """Close every open window after the last line fed (reason `idle`); the cut is kept for replay
+        (`snapshot()`) until `forget_before` passes it, and its line, fed again, closes the same windows
+        (`AddResult.cut`). With nothing open, returns [] and records no cut."""
         if not self._open or self._last_offset is None:
             return []
         self._cuts.add(self._last_offset)
@@ -286,8 +298,10 @@ class CountWindower:
         return self._last_offset
 
     def cut_fence(self, position: int) -> int:
-        """The cut's line: fed again after a restart, it closes the same windows (the recorded cut)."""
-        return position if self._last_offset is None else self._last_offset
+        """The position at the cut: everything read before it (the cut's line, and records after it that
+        are no line: unparseable, dead-lettered) is replayed after a restart, and the cut's line closes
+        the rebuilt windows there (`AddResult.cut`, the flag of `CountBatch.closed`)."""
+        return position
 
     def forget_before(self, offset: int) -> None:
         """Cuts below a committed offset are never replayed again."""
@@ -304,6 +318,8 @@ class CountWindower:
         return {"cuts": sorted(self._cuts)} if self._cuts else None
 
     def restore(self, snapshot: dict[str, Any], fence: int) -> None:
+        """The recorded cuts: a replay closes every open window at each of their lines again. `fence` is
+        not needed here: the caller suppresses windows closed below it, but for a cut's (`cut_fence`)."""
         self._cuts = {int(offset) for offset in snapshot.get("cuts", ())}
 
     @property
@@ -455,7 +471,8 @@ class SessionWindower:
         """The line a recorded cut came after, replayed: the sessions rebuilt up to it are the ones the
         cut closed; they close again (reason idle) and the replay ends."""
         self.finish_restore()
-        return AddResult(self._close_all("idle"), joined=len(line.block_ids), cut=True)
+        windows = self._close_all("idle")
+        return AddResult(windows, joined=len(line.block_ids), cut=len(windows))
 
     def _bound_before(self) -> tuple[float, float | None, int] | None:
         """The event-time bound's state before a line, as a cheap tuple (`_bound_state` makes it a snapshot's list)."""

@@ -107,9 +107,11 @@ class SlowDetector:
 
 
 def test_a_quiet_count_window_is_judged_after_the_idle_time_and_a_restart_cuts_it_the_same(bootstrap: str) -> None:
+    """Ten lines and an undecodable record, quiet: the cut falls on line 9 and its commit fences at the
+    position (11), so the restart publishes the cut's window and does not dead-letter record 10 again."""
     topic = unique("idle")
     create_topic(bootstrap, topic)
-    produce_lines(bootstrap, topic, BGL[:10])
+    produce_lines(bootstrap, topic, [*BGL[:10], b"\xff\xfe not utf-8"])
     settings = make_settings(bootstrap, topic, format="bgl", window="count", window_size=50, window_idle_s=2.0,
                              shutdown_timeout_s=1.0)
 
@@ -118,7 +120,7 @@ def test_a_quiet_count_window_is_judged_after_the_idle_time_and_a_restart_cuts_i
     first = BackgroundPipeline(settings, detector=SlowDetector(8.0)).start()
     assert wait_for(lambda: (committed_metadata(bootstrap, settings.group_id, topic)[1] or {}).get("snapshot"), 30)
     offset, metadata = committed_metadata(bootstrap, settings.group_id, topic)
-    assert offset == 0 and metadata["fence"] == 9 and metadata["snapshot"] == {"cuts": [9]}
+    assert offset == 0 and metadata["fence"] == 11 and metadata["snapshot"] == {"cuts": [9]}
     assert first.stop() == 0
     assert read_alerts(bootstrap, settings.alerts_topic, idle_s=0.5) == []
 
@@ -137,8 +139,9 @@ def test_a_quiet_count_window_is_judged_after_the_idle_time_and_a_restart_cuts_i
            for a in alerts]
     key = f"{topic}/0"
     assert got == [(0, 9, "idle", window_id(topic, 0, "count", key, 0, 9)),
-                   (10, 19, "idle", window_id(topic, 0, "count", key, 10, 19))]
+                   (11, 20, "idle", window_id(topic, 0, "count", key, 11, 20))]
     assert judged_after < 2.0 + 15.0, "judged within the idle time (plus polling and a commit)"
+    assert reasons(bootstrap, settings.dlq_topic) == [("undecodable", 10)], "dead-lettered once, before the cut"
 
 
 def test_quiet_sessions_close_after_session_idle_s_and_a_restart_before_the_commit_publishes_them(

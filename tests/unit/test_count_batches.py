@@ -1,4 +1,5 @@
-"""Differential: `CountWindower.add_batch` = `add` line by line (sizes, strides, cuts, replayed cuts)."""
+"""Differential: `CountWindower.add_batch` = `add` line by line (sizes, strides, cuts, replayed cuts),
+the windows a replayed cut closed marked alike (`AddResult.cut`, the flag of `CountBatch.closed`)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def test_batches_cut_the_windows_add_cuts(size: int, stride: int, n: int, sizes:
     for windower in (one, many):  # cuts recorded before a restart, met again while replaying
         windower.restore({"cuts": sorted(replayed_cuts)}, fence=0)
     feed = lines(n)
-    expected: list[tuple[int, tuple[str, str, list[int]]]] = []
+    expected: list[tuple[int, tuple[str, str, list[int]], bool]] = []
     opened: list[int] = []
-    got: list[tuple[int, tuple[str, str, list[int]]]] = []
+    got: list[tuple[int, tuple[str, str, list[int]], bool]] = []
     got_opened: list[int] = []
     start, turn = 0, 0
     while start < n:
@@ -39,17 +40,20 @@ def test_batches_cut_the_windows_add_cuts(size: int, stride: int, n: int, sizes:
             result = one.add(line)
             assert result.joined >= 1
             opened += [line.offset] * result.opened
-            expected += [(line.offset, shape(w)) for w in result.closed]
+            assert result.cut == 0 or line.offset in replayed_cuts
+            first_cut = len(result.closed) - result.cut  # the last `cut` windows are the replayed cut's
+            expected += [(line.offset, shape(w), i >= first_cut) for i, w in enumerate(result.closed)]
         batch = many.add_batch(chunk)
-        got += [(offset, shape(w)) for offset, w in batch.closed]
+        got += [(offset, shape(w), cut) for offset, w, cut in batch.closed]
         got_opened += batch.opened_at
         if chunk[-1].offset in live_cuts:  # an idle cut between two consume batches
-            expected += [(-1, shape(w)) for w in one.cut()]
-            got += [(-1, shape(w)) for w in many.cut()]
+            expected += [(-1, shape(w), False) for w in one.cut()]
+            got += [(-1, shape(w), False) for w in many.cut()]
         start, turn = start + len(chunk), turn + 1
         assert (one.open_windows, one.last_offset, one.oldest_open_offset(), one.snapshot()) == (
             many.open_windows, many.last_offset, many.oldest_open_offset(), many.snapshot())
     assert got == expected and got_opened == opened
+    assert all((reason == "idle") == cut for offset, (_, reason, _), cut in got if offset in replayed_cuts)
     assert [shape(w) for w in many.flush()] == [shape(w) for w in one.flush()]
 
 

@@ -25,7 +25,7 @@ def summary(window: Window) -> tuple[Any, ...]:
 
 def outcome(result: AddResult) -> tuple[Any, ...]:
     return ([summary(w) for w in result.closed], result.late_keys, result.joined, result.opened, result.future,
-            result.clamped)
+            result.clamped, result.cut)
 
 
 def engine(options: dict[str, Any]) -> SessionWindower:
@@ -58,8 +58,8 @@ def agree(reference: list[tuple[Any, ...]], batch: list[tuple[Any, ...] | None])
     assert len(reference) == len(batch)
     for ref, got in zip(reference, batch):
         if got is None:  # listed nothing: joined some windows, closed and opened none, no note
-            closed, late, joined, opened, future, clamped = ref
-            assert not closed and not late and joined > 0 and not opened and not future and not clamped
+            closed, late, joined, opened, future, clamped, cut = ref
+            assert not closed and not late and joined > 0 and not opened and not future and not clamped and not cut
         else:
             assert got == ref
 

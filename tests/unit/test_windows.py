@@ -402,6 +402,68 @@ def test_count_replay_from_a_cut_rebuilds_the_same_windows(n: int, size: int, da
     assert ids(emitted) == ids(ref_windows)
 
 
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 120), size=st.integers(1, 15), data=st.data())
+def test_a_restart_before_the_count_cut_is_committed_publishes_the_same_windows(n: int, size: int,
+                                                                                data: st.DataObject) -> None:
+    """As the pipeline commits a count cut (offset at the oldest held window, fence at the position at
+    the cut, past a record after the cut's line that was no line) and a restart replays from there: the
+    cut's line, below the fence, closes the same windows with the same ids, marked as the cut's (by `add`
+    and `add_batch` alike), and nothing else closes below the fence."""
+    stride = data.draw(st.integers(1, size))
+    cut_after = data.draw(st.integers(1, n))
+    lines = [line(i * 2) for i in range(n)]  # offset gaps: records that were no line (dead-lettered)
+    reference = CountWindower("t", 0, size, stride)
+    emitted = feed(reference, lines[:cut_after])
+    held = reference.cut()
+    ref_windows = emitted + held + feed(reference, lines[cut_after:]) + reference.flush()
+    if not held:
+        return
+    first = CountWindower("t", 0, size, stride)
+    feed(first, lines[:cut_after])
+    cut_line = lines[cut_after - 1].offset
+    fence = first.cut_fence(cut_line + 2)  # the position at the cut: the bad record after its line was read
+    assert fence == cut_line + 2
+    assert ids(first.cut()) == ids(held)
+    commit = held[0].first_offset
+    first.forget_before(commit)
+    snapshot = first.snapshot()
+    assert snapshot == {"cuts": [cut_line]}
+
+    replay = [ln for ln in lines if commit <= ln.offset < fence]
+    second, batched = CountWindower("t", 0, size, stride), CountWindower("t", 0, size, stride)
+    second.restore(snapshot, fence)
+    batched.restore(snapshot, fence)
+    results = [second.add(ln) for ln in replay]
+    assert all(len(r.closed) == r.cut for r in results), "below the fence only the cut's windows close"
+    again = [w for r in results for w in r.closed]
+    assert ids(again) == ids(held) and all(w.close_reason == "idle" for w in again)
+    batch = batched.add_batch(replay)
+    assert [(offset, w.window_id, cut) for offset, w, cut in batch.closed] == [(cut_line, w.window_id, True)
+                                                                               for w in held]
+    after = [ln for ln in lines if ln.offset >= fence]
+    assert ids(feed(batched, after) + batched.flush()) == ids(feed(second, after) + second.flush())
+    third = CountWindower("t", 0, size, stride)
+    third.restore(snapshot, fence)
+    published = [w for ln in lines if ln.offset >= commit for w in third.add(ln).closed] + third.flush()
+    assert ids(emitted + published) == ids(ref_windows)
+
+
+def test_a_count_cut_commit_fences_at_the_position_and_its_line_closes_the_windows_again() -> None:
+    """Ten lines, a record after the tenth that is no line, quiet: the cut's commit fences at the
+    position (11), so the record is never handled twice; replayed, line 9 closes the cut's window again."""
+    windower = CountWindower("t", 0, 50)
+    feed(windower, [line(i) for i in range(10)])
+    held = windower.cut()
+    assert windower.cut_fence(11) == 11 and windower.snapshot() == {"cuts": [9]}
+    replay = CountWindower("t", 0, 50)
+    replay.restore({"cuts": [9]}, fence=11)
+    results = [replay.add(line(i)) for i in range(10)]
+    assert [r.cut for r in results] == [0] * 9 + [1]
+    assert ids(results[-1].closed) == ids(held) and results[-1].closed[0].close_reason == "idle"
+    assert replay.open_windows == 0
+
+
 def test_the_trainer_bounds_event_time_as_the_consumer_does(tmp_path) -> None:  # noqa: ANN001
     from logstream.settings import Settings
     from tests.hardening_inputs import CLOCK_AHEAD_HDFS
