@@ -21,7 +21,7 @@ is split over several records, read back and joined in order.
 Snapshots: session engines record which sessions were open at P (and the event-time bound's state
 where the replay starts); count engines the offsets where an idle cut closed every open window.
 When an idle cut's windows are still to be published, the cut commits C at their first line and P
-at the position when the cut was taken (`Windower.cut_fence`), so a replay reaches the cut's line
+at the position when the cut was taken, so a replay reaches the cut's line
 and publishes them, though below P (`windows.AddResult.cut`), and repeats nothing else read before
 the cut (`partitions.PartitionState.idle_cut`).
 

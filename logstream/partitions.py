@@ -37,7 +37,7 @@ class PartitionState:
         self.eof = False
         self.last_line_at = time.monotonic()  # when a line last joined the windows (idle close)
         self.idle_held: list[Window] = []  # closed by an idle cut; published once the cut is committed
-        self.idle_cut_at: int | None = None  # the fence its commit carries (`Windower.cut_fence`)
+        self.idle_cut_at: int | None = None  # the fence its commit carries: the position at the cut
         topic, partition = tp
         self.lines_counter = metrics.lines_consumed.labels(topic, str(partition))
         self.replay_counter = metrics.lines_replayed.labels(topic, str(partition))
@@ -54,8 +54,8 @@ class PartitionState:
 
         Commit offset: the oldest open window's first line (else the next offset to read); fence:
         the next offset to read. Windows held by an idle cut pull the commit offset back to their first
-        line and the fence to the one the cut named (`Windower.cut_fence`: the position at the cut), so a
-        replay from the commit reaches the cut's line, below the fence, and publishes them there."""
+        line and the fence to the position when the cut was taken, so a replay from the commit reaches
+        the cut's line, below the fence, and publishes them there (`windows.AddResult.cut`)."""
         if self.position is None:
             return None
         oldest = self.windower.oldest_open_offset()
@@ -72,13 +72,16 @@ class PartitionState:
     def idle_cut(self, now: float, idle_s: float) -> bool:
         """Close every open window of a partition read to its end and quiet for `idle_s` seconds.
 
-        The windows are held (`idle_held`) until a commit records the cut; returns whether it cut."""
+        The windows are held (`idle_held`) until a commit records the cut; returns whether it cut. The
+        cut's commit fences at the position now: every record read before the cut was handled (its dead
+        letter, the windows it closed), so a replay repeats none of it, while the cut's line, met again
+        below the fence, closes the cut's windows, published then."""
         if self.idle_held or not self.eof or not self.windower.open_windows or now - self.last_line_at < idle_s:
             return False
         held = self.windower.cut()
         if not held:
             return False
-        self.idle_cut_at = self.windower.cut_fence(self.position if self.position is not None else 0)
+        self.idle_cut_at = self.position if self.position is not None else 0
         self.idle_held = held
         self.open_gauge.set(self.windower.open_windows)
         return True

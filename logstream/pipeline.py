@@ -363,7 +363,7 @@ class Pipeline:
         (session windows; off by default) close (reason idle) after their last line.
 
         The cut goes into the next commit's metadata before its windows are published (they are held
-        until then), with the fence the windower names (`Windower.cut_fence`: the position at the cut):
+        until then), with the position at the cut as its fence (`PartitionState.idle_cut`):
         a replay from that commit cuts at the same line and publishes them though below the fence
         (`AddResult.cut`), so a restart sees the same windows with the same ids and repeats no other
         output of the records read before the cut (dead letters after the cut's line).

@@ -9,7 +9,8 @@ Count windows: a window starts every `stride` lines and closes when it holds `si
 closes after the last line fed (reason `idle`) and the next line starts afresh. The cut is part of the
 state a replay needs (`snapshot()`), so a replay closes the same windows at the same line, and says
 they are the cut's (`AddResult.cut`, the flag of `CountBatch.closed`): held until the cut was committed,
-they were never published, so they go out although below the commit's fence (`cut_fence`).
+they were never published, so they go out although below the commit's fence (the position when the
+cut was taken: `partitions.PartitionState.idle_cut`).
 
 Session windows (Kafka Streams' semantics, in event time): each block id named by a line has its
 own session; a line naming several blocks joins each of them. With `stream_time` the largest event
@@ -82,7 +83,8 @@ class AddResult:
     future: bool = False  # refused by the event-time bound (the caller dead-letters it as future_timestamp)
     clamped: bool = False  # joined with its event time clamped by the event-time bound
     # how many of `closed`, the last ones, a recorded idle cut closed again on replay: held until the cut
-    # was committed, never published, they go out although the line is below the fence (`cut_fence`)
+    # was committed, never published, they go out although the line is below the fence (the position at
+    # the cut)
     cut: int = 0
 
 
@@ -190,12 +192,6 @@ class Windower(Protocol):
         """Idle close: close every open window after the last line fed (reason idle); the cut is kept in
         `snapshot()` until `forget_before` passes it, so a replay closes the same windows."""
 
-    def cut_fence(self, position: int) -> int:
-        """The fence a commit of a cut not yet published carries (`position`: the next offset to read
-        when the cut was taken). Every record read before the cut was handled (its dead letter, the
-        windows it closed are part of that commit), so a replay repeats none of it; the cut's line, met
-        again below the fence, closes the cut's windows, which are published then (`AddResult.cut`)."""
-
     def oldest_open_offset(self) -> int | None:
         """First offset of the oldest open window: replay must start there (None when none is open)."""
 
@@ -297,12 +293,6 @@ class CountWindower:
         """Offset of the last line fed (where a cut now would fall)."""
         return self._last_offset
 
-    def cut_fence(self, position: int) -> int:
-        """The position at the cut: everything read before it (the cut's line, and records after it that
-        are no line: unparseable, dead-lettered) is replayed after a restart, and the cut's line closes
-        the rebuilt windows there (`AddResult.cut`, the flag of `CountBatch.closed`)."""
-        return position
-
     def forget_before(self, offset: int) -> None:
         """Cuts below a committed offset are never replayed again."""
         self._cuts = {cut for cut in self._cuts if cut >= offset}
@@ -319,7 +309,7 @@ class CountWindower:
 
     def restore(self, snapshot: dict[str, Any], fence: int) -> None:
         """The recorded cuts: a replay closes every open window at each of their lines again. `fence` is
-        not needed here: the caller suppresses windows closed below it, but for a cut's (`cut_fence`)."""
+        not needed here: the caller suppresses windows closed below it, but for a cut's (`AddResult.cut`)."""
         self._cuts = {int(offset) for offset in snapshot.get("cuts", ())}
 
     @property
@@ -376,9 +366,9 @@ class SessionWindower:
 
     def restore(self, snapshot: dict[str, Any], fence: int) -> None:
         """Rebuild the sessions of `snapshot` from the lines replayed below offset `fence`. A snapshot
-        with a cut (taken before the cut was committed; `fence` is then `cut_fence`, past the cut's
-        line) replays that line too and closes the rebuilt sessions after it, reason idle: the windows
-        the cut closed (`AddResult.cut`)."""
+        with a cut (taken before the cut was committed; `fence` is then the position when the cut was
+        taken, past the cut's line) replays that line too and closes the rebuilt sessions after it,
+        reason idle: the windows the cut closed (`AddResult.cut`)."""
         self._restoring = {key: int(first) for key, first in snapshot.get("open", [])}
         cuts = snapshot.get("cuts") or []
         self._cut = (int(cuts[0]), None) if cuts else None
@@ -546,12 +536,6 @@ class SessionWindower:
             return []
         self._cut = (self._last_offset, self._state())
         return self._close_all("idle")
-
-    def cut_fence(self, position: int) -> int:
-        """The position at the cut: everything read before it (the cut's line, and records after it that
-        joined nothing: refused, unparseable) is replayed after a restart, and the cut's line closes the
-        rebuilt sessions there (`AddResult.cut`)."""
-        return position
 
     def forget_before(self, offset: int) -> None:
         """A committed offset past the cut: no replay reaches it again."""
