@@ -37,7 +37,10 @@ class PartitionState:
         self.eof = False
         self.last_line_at = time.monotonic()  # when a line last joined the windows (idle close)
         self.idle_held: list[Window] = []  # closed by an idle cut; published once the cut is committed
-        self.idle_cut_at: int | None = None  # the fence its commit carries: the position at the cut
+        # the fence its commit carries: the position at the cut, kept while the cut is held even if the
+        # position moves on (a commit retried): the snapshot is the windows' state at the cut, so records
+        # read after it must replay as new (at-least-once: their outputs may repeat; none is lost)
+        self.idle_cut_at: int | None = None
         topic, partition = tp
         self.lines_counter = metrics.lines_consumed.labels(topic, str(partition))
         self.replay_counter = metrics.lines_replayed.labels(topic, str(partition))
