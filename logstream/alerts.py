@@ -1,8 +1,9 @@
 """Alert documents: one JSON object per judged window, as published on the alerts topic.
 
 The schema lives in `logstream/schemas/alert.schema.json` (tests validate every alert against it).
-`alert_id` is a function of the window id and the detector name only, so a replay of the same
-window by the same detector yields the same id: duplicates are detectable downstream.
+`alert_id` is a function of the window id and the detector's name and version only (a model's
+version carries its fingerprint), so a replay of the same window by the same model yields the same
+id: duplicates are detectable downstream, and another model's judgement is another alert.
 
 Size: a document always fits the budget it is encoded for (`encode_alert(alert, max_bytes)`).
 Templates and sample lines longer than 2,000 characters are cut; when the whole document is still
@@ -42,8 +43,12 @@ def _clip(item: dict[str, Any], field: str, chars: int) -> dict[str, Any]:
     return {**item, field: text[:chars], "truncated": True}
 
 
-def alert_id(window: Window, detector_name: str) -> str:
-    return hashlib.blake2b(f"{window.window_id}\x1f{detector_name}".encode(), digest_size=16).hexdigest()
+def alert_id(window: Window, detector_name: str, detector_version: str) -> str:
+    """Deterministic id of one judgement: the same window judged by the same detector and model (its
+    version carries the model's fingerprint) gets the same id, so a replayed duplicate dedupes on it;
+    another model's judgement of that window (a model swapped on a live group) is another alert."""
+    key = f"{window.window_id}\x1f{detector_name}\x1f{detector_version}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
 def severity(verdict: Verdict) -> str:
@@ -142,7 +147,7 @@ def build_alert(window: Window, verdict: Verdict, detector_name: str, detector_v
                  if any(item.get("truncated") for item in items)]
     alert: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "alert_id": alert_id(window, detector_name),
+        "alert_id": alert_id(window, detector_name, detector_version),
         "detector": {"name": detector_name, "version": detector_version},
         "window": {
             "id": window.window_id,

@@ -7,6 +7,7 @@ only lines labelled normal are used) and saved as a small JSON artifact.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,15 +21,21 @@ from logstream.records import LogLine, Verdict, Window
 from logstream.settings import Settings
 
 ARTIFACT_KIND = "logstream.novelty"
+FORMAT_VERSION = "1"  # the artifact's layout
 
 
 class NoveltyDetector:
+    """`version` is `1+<fingerprint of the known templates>`: alerts name the model that judged them."""
+
     name = "novelty"
-    version = "1"
 
     def __init__(self, known_templates: Iterable[str], *, source: str = "", lines: int = 0,
                  unseen_share: float | None = None) -> None:
         self.known = frozenset(known_templates)
+        digest = hashlib.blake2b(digest_size=6)
+        for template in sorted(self.known):
+            digest.update(template.encode("utf-8", "surrogatepass") + b"\n")
+        self.version = f"{FORMAT_VERSION}+{digest.hexdigest()}"
         self.source = source
         self.lines = lines
         self.unseen_share = unseen_share  # new-template share of the latest lines of the fit (logstream.coverage)
@@ -51,7 +58,7 @@ class NoveltyDetector:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {
             "kind": ARTIFACT_KIND,
-            "version": self.version,
+            "version": FORMAT_VERSION,
             "source": self.source,
             "lines": self.lines,
             "fitted_at": time.time(),

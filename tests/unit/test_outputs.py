@@ -11,6 +11,7 @@ import pytest
 
 from logstream.alerts import MAX_LINE_CHARS, OutputTooLarge, build_alert, encode_alert
 from logstream.checkpoint import PartitionCut, parse_metadata
+from logstream.detectors.novelty import NoveltyDetector
 from logstream.outputs import fit
 from logstream.records import LogLine, Verdict, Window
 
@@ -40,6 +41,20 @@ def test_a_whole_alert_is_not_marked() -> None:
     value, truncated = encode_alert(alert, 4096)
     assert truncated == [] and "truncated" not in orjson.loads(value)
     assert value == orjson.dumps(alert)
+
+
+def test_alert_ids_name_the_model(tmp_path: Path) -> None:
+    """The same window judged by the same novelty model (saved and loaded again) has the same alert id;
+    judged by a model fitted on other lines, another id (a model swapped on a live group)."""
+    window = window_of(["a 1", "b 2"])
+    first = NoveltyDetector(["a <*>"], source="one")
+    first.save(tmp_path / "one.json")
+    again = NoveltyDetector.load(tmp_path / "one.json")
+    other = NoveltyDetector(["a <*>", "c"], source="two")
+    ids = [build_alert(window, detector.judge(window), detector.name, detector.version)["alert_id"]
+           for detector in (first, again, other)]
+    assert first.version == again.version != other.version and first.version.startswith("1+")
+    assert ids[0] == ids[1] != ids[2]
 
 
 @pytest.mark.parametrize("limit", [4096, 10_000, 60_000])
