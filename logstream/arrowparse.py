@@ -109,6 +109,8 @@ class ArrowBatchParser:
     def parse(self, values: Sequence[bytes | None]) -> PlainLines:
         """Parse the plain records among `values` (None: a record without a value, never plain)."""
         data = pa.array(values, pa.binary())
+        if isinstance(data, pa.ChunkedArray):  # over 2 GiB in all (a raised --max-line-bytes): per line
+            return PlainLines([], [], [], [], [], [])
         # Printable ASCII once the terminators at the end are gone (bytes: the text of a non-UTF-8
         # record is never read as such, every kernel here looks at single bytes until it is refused).
         text = pc.ascii_rtrim(data.view(pa.string()), characters="\r\n")

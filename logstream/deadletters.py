@@ -30,6 +30,7 @@ HINTS = {
     "control_characters": "the records carry control characters (binary data?)",
     "too_large": "the records are longer than --max-line-bytes",
     "empty": "the records are empty",
+    "parser_error": "logstream's parser failed on these records (a fault of ours: please report it, with a record)",
 }
 
 

@@ -21,9 +21,12 @@ from itertools import islice, repeat
 from typing import Any
 
 from logstream.arrowparse import ArrowBatchParser, vector_formats
+from logstream.logs import get_logger
 from logstream.masking import BLOCK_ID, MASK, block_ids, mask
 from logstream.records import LogLine, TimeSource
 from logstream.timestamps import leading_timestamp
+
+log = get_logger(__name__)
 
 __all__ = ["MASK", "BadRecord", "LineParser", "ParsedLine", "block_ids", "decode_record", "line_breaks", "mask",
            "parse_bgl", "parse_generic", "parse_hdfs", "parse_thunderbird", "parser_for"]
@@ -40,6 +43,15 @@ class BadRecord(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def _parser_fault(exc: Exception) -> BadRecord:
+    """A format's parser raised something other than `BadRecord` on a record: a fault of ours, never a
+    reason to lose the consume batch or stop the consumer. The record goes to the dead-letter topic
+    (reason `parser_error`, the exception in the detail) and the fault is logged at error level."""
+    detail = f"{type(exc).__name__}: {exc}"[:300]
+    log.error("parser_fault", error=detail, action="record dead-lettered as parser_error; please report it")
+    return BadRecord("parser_error", detail)
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,7 +120,7 @@ def _bgl_fields(line: str) -> Fields:
         raise BadRecord("unparseable", f"BGL line has {len(fields)} of 9 header fields")
     event_time = _header_time(fields)
     micros = fields[4].rpartition(".")[2]
-    if len(micros) == 6 and micros.isdigit():
+    if len(micros) == 6 and micros.isdecimal():  # not isdigit: int() refuses superscripts such as "²"
         event_time += int(micros) / 1e6
     return fields[9] if len(fields) == 10 else "", event_time, _alert_label(fields[0])
 
@@ -339,6 +351,9 @@ class LineParser:
             except BadRecord as exc:
                 append(exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a parser fault costs the record, not the batch
+                append(_parser_fault(exc))
+                continue
             template = templates.get(content)
             if template is None:
                 template = self._template(content)
@@ -356,10 +371,15 @@ class LineParser:
 
     def _line(self, text: str, topic: str, partition: int, offset: int, record_time: float) -> LogLine:
         source: TimeSource = "line"
-        if self._fields is not None:
-            content, event_time, label = self._fields(text)
-        else:
-            content, event_time, label, source = self._generic(text, (topic, partition), record_time)
+        try:
+            if self._fields is not None:
+                content, event_time, label = self._fields(text)
+            else:
+                content, event_time, label, source = self._generic(text, (topic, partition), record_time)
+        except BadRecord:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a parser fault costs the record, not the caller's loop
+            raise _parser_fault(exc) from exc
         template = self._templates.get(content)
         if template is None:
             template = self._template(content)

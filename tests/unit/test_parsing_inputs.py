@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from logstream.alerts import build_alert
 from logstream.detectors.novelty import NoveltyDetector
 from logstream.files import iter_log_lines, iter_records, read_block_labels
-from logstream.parsing import LineParser, parse_generic
+from logstream.parsing import BadRecord, LineParser, parse_generic
 from logstream.records import LogLine, Verdict, Window
 from logstream.timestamps import SYSLOG_FUTURE_SLACK_S, leading_timestamp
 from trainer.data import count_records, is_logllm_csv, load_split
@@ -326,3 +326,37 @@ def test_every_style_reads_back_the_time_it_was_written_with(style: str, when: d
     found = leading_timestamp(f"{render(when)} worker ready", reference=when.timestamp())
     assert found is not None and found[0] == "worker ready"
     assert when.timestamp() - precision < found[1] <= when.timestamp() + 1e-6
+
+
+def test_superscript_micros_are_not_micros() -> None:
+    """A BGL Time field ending in six characters `str.isdigit` takes but `int` refuses (superscripts) is a
+    line without micros, not a crash that would lose its consume batch (found by fuzzing)."""
+    value = "- 1117838570 2005.06.03 R02 12345² R02 RAS KERNEL INFO x".encode()
+    parser = LineParser("bgl")
+    line = parser.parse(value, topic="t", partition=0, offset=0, record_time=0.0)
+    assert line.event_time == 1117838570.0
+    batch = parser.parse_batch([value, value], topic="t", partition=0, offsets=[0, 1], record_times=[0.0, 0.0])
+    assert batch == [line, line._replace(offset=1)]
+
+
+def test_a_parser_fault_dead_letters_the_record_not_the_batch() -> None:
+    """A format's parser raising something other than BadRecord (a fault of ours) costs that record
+    (reason parser_error, the exception in the detail), not the batch nor the consumer."""
+    parser = LineParser("bgl")
+    good = b"- 1117838570 2005.06.03 R02 2005-06-03-15.42.50.675872 R02 RAS KERNEL INFO ok"
+    real = parser._fields
+    assert real is not None
+
+    def faulty(text: str) -> tuple[str, float | None, bool | None]:
+        if "boom" in text:
+            raise ZeroDivisionError("division by zero")
+        return real(text)
+
+    parser._fields = faulty
+    values: list[bytes | None] = [good, good.replace(b"ok", b"boom"), good]
+    out = parser.parse_batch(values, topic="t", partition=0, offsets=[0, 1, 2], record_times=[0.0] * 3)
+    assert isinstance(out[0], LogLine) and isinstance(out[2], LogLine)
+    assert isinstance(out[1], BadRecord) and out[1].reason == "parser_error"
+    assert out[1].detail == "ZeroDivisionError: division by zero"
+    with pytest.raises(BadRecord, match="parser_error"):
+        parser.parse(values[1], topic="t", partition=0, offset=1, record_time=0.0)
