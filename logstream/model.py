@@ -148,7 +148,7 @@ def view_template(element: str, view: MessageView) -> str:
     if view != "counts":
         return element
     count, separator, template = element.partition(_COUNT_SEPARATOR)
-    if not separator or not count.isdigit():
+    if not separator or not count.isdecimal():
         raise ValueError(f"{element!r} is not an element of the counts view")
     return template
 
