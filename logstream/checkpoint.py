@@ -16,7 +16,10 @@ a pending cut are not part of it, so nothing is committed before the alerts it c
 The fence and a small snapshot travel in the commit's metadata; a large snapshot is written to the
 state topic and the metadata points at its records ([partition, offset] of each), which keeps within
 Kafka's 4 KB offset-metadata limit. A snapshot larger than one record may be (`outputs.OutputLimits`)
-is split over several records, read back and joined in order.
+is split over several records, read back and joined in order. The metadata also names the window
+settings the cut was taken under (`fingerprint`: a digest and a summary of a few hundred bytes at
+most, next to an inline snapshot of at most `INLINE_SNAPSHOT_LIMIT`): a new owner with other
+settings, or one that finds the log recreated, does not trust the fence and the snapshot (`resume`).
 
 Snapshots: session engines record which sessions were open at P (and the event-time bound's state
 where the replay starts); count engines the offsets where an idle cut closed every open window.
@@ -45,6 +48,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from logstream.errors import FatalPipelineError
+from logstream.fingerprint import WindowFingerprint
 from logstream.kafka import KAFKA_CALL_TIMEOUT_S, read_record
 from logstream.logs import get_logger
 from logstream.settings import Settings
@@ -94,10 +98,15 @@ class PartitionCut:
     snapshot: dict[str, Any] | None
     # (partition, offset) of each record of the snapshot in the state topic, set as they are acknowledged
     state_refs: list[tuple[int, int] | None] = field(default_factory=list)
+    settings: WindowFingerprint | None = None  # the window settings the cut was taken under
 
     def metadata(self) -> str:
-        """The commit metadata string: fence plus the snapshot inline, or pointers to its records."""
+        """The commit metadata string: fence, window settings (when known), and the snapshot inline or
+        pointers to its records."""
         body: dict[str, Any] = {"v": METADATA_VERSION, "fence": self.fence}
+        if self.settings is not None:
+            body["settings_id"] = self.settings.digest
+            body["settings"] = self.settings.summary
         if self.state_refs:
             refs = [list(ref) for ref in self.state_refs if ref is not None]
             if len(refs) != len(self.state_refs):
@@ -134,10 +143,15 @@ class CommittedPosition:
     fence: int
     snapshot: dict[str, Any] | None
     state_refs: tuple[tuple[int, int], ...] = ()  # records of a snapshot kept in the state topic, in order
+    settings_id: str | None = None  # digest of the window settings of the commit (None: not recorded)
+    settings: str | None = None  # their summary, for people
+    # why the fence and snapshot of the commit were dropped (`resume`); None: this is the commit as made
+    reset: str | None = None
 
 
 def parse_metadata(offset: int | None, metadata: str | None) -> CommittedPosition:
-    """Decode a commit's metadata; metadata not written by logstream means a plain resume."""
+    """Decode a commit's metadata; metadata not written by logstream means a plain resume. Metadata
+    without window settings (written before they were recorded) has `settings_id` None."""
     if offset is None or offset < 0:
         return CommittedPosition(None, 0, None)
     if not metadata:
@@ -149,11 +163,14 @@ def parse_metadata(offset: int | None, metadata: str | None) -> CommittedPositio
         refs = body.get("state") or []
         if refs and not isinstance(refs[0], list):
             refs = [refs]  # one record: [partition, offset]
+        settings_id, settings = body.get("settings_id"), body.get("settings")
         return CommittedPosition(
             offset,
             int(body.get("fence", offset)),
             body.get("snapshot"),
             tuple((int(ref[0]), int(ref[1])) for ref in refs),
+            str(settings_id) if settings_id is not None else None,
+            str(settings) if settings is not None else None,
         )
     except (ValueError, TypeError, IndexError, orjson.JSONDecodeError):
         return CommittedPosition(offset, offset, None)

@@ -4,6 +4,12 @@ A record is parsed into a line (or dead-lettered as a bad record), joined to its
 windows, and the windows it closed are handed on for scoring. Lines below a partition's replay
 fence are replayed: they rebuild windows but repeat no side effect (dead letters, alerts, metrics
 of new work) already done by an earlier owner.
+
+Offsets of a partition only grow while it is owned, but for one case: the client resets its
+position backwards (auto.offset.reset) when the offset it fetches is beyond the log's end, that is
+when the topic was deleted and created again or the log truncated. The records from there are a new
+log, not a replay: the partition starts afresh at that offset (`PartitionState.restart_log`, logged
+as `offset_reset`) instead of suppressing them below a fence that belongs to the old log.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from logstream.publishing import Publisher
 from logstream.records import LogLine, Window
 from logstream.routing import BLOCKS_HEADER, COPY_HEADER
 from logstream.settings import Settings
-from logstream.windows import AddResult, CountWindower, SessionWindower
+from logstream.windows import AddResult, CountWindower, SessionWindower, make_windower, window_options
 
 log = get_logger(__name__)
 
@@ -107,9 +113,37 @@ class Ingest:
             log.warning("consume_error", error=str(error), suppressed_since_last=suppressed)
 
     def _handle_records(self, state: PartitionState, batch: list[Message]) -> None:
-        """Consecutive records of one partition: position and replay counts, one parse, then the windows."""
-        topic, partition = state.tp
+        """Consecutive records of one partition, each run of increasing offsets in turn (`_handle_run`); a
+        run starting below the position read so far is a new log (`_offset_reset`)."""
         offsets = list(map(Message.offset, batch))
+        if offsets == sorted(offsets) and (state.position is None or offsets[0] >= state.position):
+            self._handle_run(state, batch, offsets)  # the common case: one run, past the position
+            return
+        start = 0
+        for end in [*(i for i in range(1, len(offsets)) if offsets[i] <= offsets[i - 1]), len(offsets)]:
+            if state.position is not None and offsets[start] < state.position:
+                self._offset_reset(state, offsets[start])
+            self._handle_run(state, batch[start:end], offsets[start:end])
+            start = end
+
+    def _offset_reset(self, state: PartitionState, offset: int) -> None:
+        """A record at `offset`, below the position: the partition's log starts afresh there. The old log's
+        windows still open (or held by an idle cut) are judged now; every record from `offset` is new."""
+        topic, partition = state.tp
+        log.warning("offset_reset", partition=f"{topic}/{partition}", offset=offset, position=state.position,
+                    fence=state.fence, open_windows=state.windower.open_windows,
+                    consequence="the client reset its offset below what was read (the topic was recreated or its "
+                    "log truncated): the records from this offset are judged as new, with no fence; the old "
+                    "log's open windows are judged now")
+        self.parser.forget(topic, partition)
+        windows = state.restart_log(offset, make_windower(self.settings.window, topic, partition,
+                                                          **window_options(self.settings)))
+        if windows:
+            self.submit(state, windows)
+
+    def _handle_run(self, state: PartitionState, batch: list[Message], offsets: list[int]) -> None:
+        """Records of one partition with increasing offsets: position and replay counts, one parse, then the windows."""
+        topic, partition = state.tp
         state.position = offsets[-1] + 1
         state.eof = False
         if state.origin is None:

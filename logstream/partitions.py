@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from logstream.checkpoint import CommittedPosition, OutputLedger, PartitionCut
+from logstream.fingerprint import WindowFingerprint
 from logstream.metrics import Metrics
 from logstream.publishing import Output
 from logstream.records import Window
@@ -21,17 +22,20 @@ class PartitionState:
     """One partition's windowing engine, read position, replay fence and output ledger."""
 
     def __init__(self, tp: TP, windower: Windower, epoch: int, committed: CommittedPosition,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, settings: WindowFingerprint | None = None) -> None:
         self.tp = tp
         self.windower = windower
+        self.settings = settings  # the window settings its cuts record
         self.epoch = epoch  # outputs and deliveries of an earlier ownership of tp are ignored
         self.position: int | None = committed.offset  # next offset to read
         self.origin: int | None = committed.offset  # where this ownership started reading
         self.fence = committed.fence  # below it, side effects were done by an earlier owner
         self.ledger = OutputLedger()
         self.held: list[Output] = []  # exactly-once: outputs issued after the pending cut
+        # None also when `committed` is not what the broker holds (its fence dropped: `resume`), so the
+        # first cut commits the position under the current settings whatever it is
         self.last_committed: tuple[int, int] | None = (
-            (committed.offset, committed.fence) if committed.offset is not None else None
+            (committed.offset, committed.fence) if committed.offset is not None and committed.reset is None else None
         )
         self.end_at_start: int | None = None
         self.eof = False
@@ -70,7 +74,7 @@ class PartitionState:
         self.windower.forget_before(commit_offset)
         if self.last_committed == (commit_offset, fence) and not self.idle_held:
             return None
-        return PartitionCut(commit_offset, fence, self.ledger.issued, self.windower.snapshot())
+        return PartitionCut(commit_offset, fence, self.ledger.issued, self.windower.snapshot(), settings=self.settings)
 
     def idle_cut(self, now: float, idle_s: float) -> bool:
         """Close every open window of a partition read to its end and quiet for `idle_s` seconds.
@@ -93,3 +97,20 @@ class PartitionState:
         """The idle cut's windows, once a commit recorded the cut."""
         held, self.idle_held, self.idle_cut_at = self.idle_held, [], None
         return held
+
+    def restart_log(self, offset: int, windower: Windower) -> list[Window]:
+        """The log went back: a record at `offset`, below the position, came (the client reset its offset
+        after the topic was recreated or the log truncated). Every record from `offset` on is new.
+
+        Fence, position and origin go to `offset`, and `windower` (fresh) replaces the old one. The old
+        log's windows are returned to be judged, for their lines were read and no replay can bring them
+        back: those an idle cut held (until its commit, which now would name the old log's offsets) and
+        those still open, closed as the old log's end (reason end_of_input). The ledger stays: outputs
+        in flight are still this ownership's."""
+        windows = self.idle_held + self.windower.flush()
+        self.idle_held, self.idle_cut_at = [], None
+        self.windower = windower
+        self.fence = self.position = self.origin = offset
+        self.last_committed = None  # the broker holds the old log's position: commit the new one whatever it is
+        self.open_gauge.set(0)
+        return windows

@@ -12,7 +12,9 @@ offsets are committed by cuts, never past the oldest open window, never before t
 lines below the cut are acknowledged (at-least-once) or committed in the same transaction (exactly-once).
 
 Lifecycle:
-  - assign: read the committed offset and its metadata; rebuild open sessions from the replay;
+  - assign: read the committed offset and its metadata; check it against the log and the window
+    settings (`resume`: a recreated topic starts from its earliest offset, changed settings replay
+    with no fence and no snapshot); rebuild open sessions from the replay;
   - revoke: score and publish what is closed, commit a final cut (bounded wait), drop the state;
     the next owner replays the open windows from the committed offset;
   - lost: drop the state, commit nothing (exactly-once: abort the open transaction);
@@ -27,8 +29,9 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from logstream.assignment import AssignmentWatch, check_assignment
 from logstream.checkpoint import (
@@ -44,10 +47,12 @@ from logstream.coverage import CoverageMonitor
 from logstream.deadletters import DeadLetterWatch
 from logstream.detectors.base import Detector
 from logstream.errors import FatalFlag, FatalPipelineError, KafkaSetupError
+from logstream.fingerprint import window_fingerprint
 from logstream.ingest import Ingest
 from logstream.intake import ConsumeSizer
 from logstream.kafka import (
     KAFKA_CALL_TIMEOUT_S,
+    assign_at,
     base_config,
     consumer_config,
     producer_config,
@@ -62,6 +67,7 @@ from logstream.parsing import LineParser
 from logstream.partitions import TP, PartitionState
 from logstream.publishing import Publisher
 from logstream.records import Window
+from logstream.resume import Resume, resume_position, warn
 from logstream.scoring import ScoreJob, ScoringWorker
 from logstream.settings import Settings
 from logstream.windows import make_windower, window_options
@@ -103,6 +109,7 @@ class Pipeline:
         self.health = health or Health()
         self.stop_event = stop_event or threading.Event()
         self.parser = LineParser(settings.format, settings.max_line_bytes)
+        self.window_settings = window_fingerprint(settings)  # recorded in every commit (`resume`)
         self.exactly_once = settings.guarantee == "exactly-once"
         self.parts: dict[TP, PartitionState] = {}
         self._epoch = 0
@@ -117,6 +124,7 @@ class Pipeline:
         self._last_health_at = 0.0
         self._lag = LagMonitor(self.metrics, self.health, settings.input_topic[0])
         self.consumer: Consumer | None = None
+        self._consumer_config: dict[str, Any] = {}
         self.policy = CommitPolicy(settings, self, {**producer_config(settings), "error_cb": self._on_kafka_error},
                                    self.stop_event)
         self.publisher = Publisher(
@@ -156,7 +164,8 @@ class Pipeline:
         if settings.create_topics:
             ensure_output_topics(settings)
         self.publisher.limits = output_limits(settings)
-        self.consumer = Consumer({**consumer_config(settings), "error_cb": self._on_kafka_error})
+        self._consumer_config = {**consumer_config(settings), "error_cb": self._on_kafka_error}
+        self.consumer = Consumer(self._consumer_config)
         self.policy.start(self.consumer)
         self.scorer.start()
         self.consumer.subscribe(
@@ -251,8 +260,16 @@ class Pipeline:
             return
         self.metrics.rebalances.labels("assign").inc()
         committed = consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
+        seeks: dict[TP, int] = {}
         for tp in committed:
-            self._adopt((tp.topic, tp.partition), parse_metadata(tp.offset, tp.metadata))
+            key = (tp.topic, tp.partition)
+            bounds = self._watermarks(key)
+            resume = self._resume(key, parse_metadata(tp.offset, tp.metadata), bounds)
+            self._adopt(key, resume.position, bounds)
+            if resume.seek is not None:
+                seeks[key] = resume.seek
+        if seeks:  # the consumer would fetch the committed offset: assign these at the offsets chosen instead
+            assign_at(consumer, self._consumer_config, partitions, seeks)
         if self._paused:
             consumer.pause(partitions)
         self.metrics.assigned_partitions.set(len(self.parts))
@@ -263,12 +280,34 @@ class Pipeline:
             owned=len(self.parts),
         )
 
-    def _adopt(self, tp: TP, committed: CommittedPosition) -> PartitionState:
-        """Create the state of a partition we now own, rebuilding open sessions where needed."""
+    def _watermarks(self, tp: TP) -> tuple[int, int] | None:
+        """The partition's (low, high) offsets now. `--once` needs them (its end): an error propagates;
+        a streaming consumer goes on without them (None: the committed offset is not checked against
+        the log, the running check of `ingest` still sees an offset reset)."""
+        assert self.consumer is not None
+        try:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=KAFKA_CALL_TIMEOUT_S)
+        except KafkaException as exc:
+            if self.settings.once:
+                raise
+            log.warning("watermarks_unknown", partition=f"{tp[0]}/{tp[1]}", error=str(exc))
+            return None
+        return low, high
+
+    def _resume(self, tp: TP, committed: CommittedPosition, bounds: tuple[int, int] | None) -> Resume:
+        """Where a partition we now own starts (`resume.resume_position`), warning when the commit's
+        fence and snapshot are dropped."""
+        resume = resume_position(committed, self.window_settings, bounds)
+        warn(tp, committed, resume, self.window_settings, bounds)
+        return resume
+
+    def _adopt(self, tp: TP, committed: CommittedPosition, bounds: tuple[int, int] | None) -> PartitionState:
+        """Create the state of a partition we now own from `committed` (as `_resume` decided it), rebuilding
+        open sessions where needed. `bounds`: the partition's (low, high) offsets, required with `--once`."""
         assert self.consumer is not None
         self._epoch += 1
         windower = make_windower(self.settings.window, tp[0], tp[1], **window_options(self.settings))
-        state = PartitionState(tp, windower, self._epoch, committed, self.metrics)
+        state = PartitionState(tp, windower, self._epoch, committed, self.metrics, self.window_settings)
         self.parser.forget(*tp)  # inherited line times start afresh, as in a fresh consumer: replays agree
         snapshot = committed.snapshot
         if committed.state_refs:
@@ -276,7 +315,8 @@ class Pipeline:
         if snapshot is not None and committed.offset is not None:
             windower.restore(snapshot, committed.fence)
         if self.settings.once:
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=KAFKA_CALL_TIMEOUT_S)
+            assert bounds is not None
+            low, high = bounds
             state.end_at_start = high
             if high <= max(low, committed.offset or 0):
                 state.eof = True
@@ -349,10 +389,19 @@ class Pipeline:
         self._release_idle(parts)
 
     def rewound(self, tp: TP, position: CommittedPosition) -> int | None:
+        """Exactly-once rewind to the last commit, checked as an assignment's is (`_resume`; against the log
+        with `--once` only): a commit made before this ownership's first one may be of other settings or
+        of a log recreated since."""
         self.scorer.drop(lambda job: (job.window.topic, job.window.partition) != tp)
         old = self.parts.pop(tp)
-        self._adopt(tp, position)
-        return position.offset if position.offset is not None else old.origin
+        # Only `--once` asks for the end offsets here (it needs them): a streaming rewind (a broker outage,
+        # perhaps) makes no new broker call, and a log recreated since is still seen when the client
+        # resets its offset (`ingest`, offset_reset)
+        bounds = self._watermarks(tp) if self.settings.once else None
+        resume = self._resume(tp, position, bounds)
+        self._adopt(tp, resume.position, bounds)
+        start = resume.position.offset
+        return start if start is not None else old.origin
 
     # ==========================================================================================
     # windows

@@ -29,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -37,6 +38,7 @@ from logstream.checkpoint import CommitPolicy, CommittedPosition, Cut, OutputLed
 from logstream.errors import FatalFlag, FatalPipelineError
 from logstream.kafka import (
     KAFKA_CALL_TIMEOUT_S,
+    assign_at,
     base_config,
     consumer_config,
     ensure_topics,
@@ -46,6 +48,7 @@ from logstream.kafka import (
     wait_for_broker,
 )
 from logstream.logs import get_logger
+from logstream.resume import resume_position, warn
 from logstream.routing import route
 from logstream.settings import Settings
 
@@ -92,6 +95,7 @@ class Repartitioner:
         if self.exactly_once:
             config["transactional.id"] = f"{settings.transactional_id}.repartition"
         self.policy = CommitPolicy(settings, self, config, self.stop_event)
+        self._consumer_config: dict[str, Any] = {}
         self.consumer: Consumer
 
     def run(self) -> int:
@@ -103,7 +107,8 @@ class Repartitioner:
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
-        self.consumer = Consumer(consumer_config(s))
+        self._consumer_config = consumer_config(s)
+        self.consumer = Consumer(self._consumer_config)
         clean = False
         try:
             self.policy.start(self.consumer)  # exactly-once: a fenced or broken producer is fatal (exit 2)
@@ -218,14 +223,25 @@ class Repartitioner:
         if not partitions:
             return
         committed = consumer.committed(partitions, timeout=KAFKA_CALL_TIMEOUT_S)
+        seeks: dict[TP, int] = {}
         for tp in committed:
             key = (tp.topic, tp.partition)
             self._epoch += 1
-            self.sources[key] = _Source(tp.offset if tp.offset >= 0 else None, self._epoch)
+            start = tp.offset if tp.offset >= 0 else None
             if self.settings.once:
-                low, high = consumer.get_watermark_offsets(tp, timeout=KAFKA_CALL_TIMEOUT_S)
-                if high <= max(low, tp.offset):  # nothing to read as of start
+                bounds = consumer.get_watermark_offsets(tp, timeout=KAFKA_CALL_TIMEOUT_S)
+                position = CommittedPosition(start, start or 0, None)
+                resume = resume_position(position, None, bounds)  # a recreated topic: from its earliest offset
+                warn(key, position, resume, None, bounds)
+                if resume.seek is not None:
+                    start = seeks[key] = resume.seek
+                if bounds[1] <= max(bounds[0], start or 0):  # nothing to read as of start
                     self._at_end.add(key)
+            # A streaming run needs no such check: with no fence, the client's own reset (auto.offset.reset
+            # earliest) of an offset beyond the end forwards every record of the new log.
+            self.sources[key] = _Source(start, self._epoch)
+        if seeks:
+            assign_at(consumer, self._consumer_config, partitions, seeks)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
