@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from logstream.detectors.base import Detector
@@ -35,6 +35,22 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1, config: dict[s
     for future in admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})],
                                       operation_timeout=30).values():
         future.result()
+
+
+def recreate_topic(bootstrap: str, topic: str, partitions: int = 1, timeout_s: float = 30.0) -> None:
+    """Delete `topic` and create it again, empty (retried while the broker still finishes the deletion)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics([topic], operation_timeout=30).values():
+        future.result()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            create_topic(bootstrap, topic, partitions)
+            return
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def produce_lines(
@@ -109,6 +125,16 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         result = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return {tp.partition: tp.offset for tp in result}
+    finally:
+        consumer.close()
+
+
+def committed_metadata(bootstrap: str, group: str, topic: str, partition: int = 0) -> tuple[int, dict | None]:
+    """The group's committed offset of one partition and its metadata (decoded; None when it has none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        (tp,) = consumer.committed([TopicPartition(topic, partition)], timeout=10)
+        return tp.offset, orjson.loads(tp.metadata) if tp.metadata else None
     finally:
         consumer.close()
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import jsonschema
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from logstream.producer import produce_file
 from logstream.records import Verdict, Window, window_id
@@ -26,6 +25,7 @@ from tests.kafkatools import (
     SAMPLES,
     SHARED_DATA,
     BackgroundPipeline,
+    committed_metadata,
     committed_offsets,
     create_topic,
     make_settings,
@@ -39,15 +39,6 @@ from tests.kafkatools import (
 
 BGL = (SAMPLES / "BGL_2k.log").read_bytes().splitlines()
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def committed_metadata(bootstrap: str, group: str, topic: str, partition: int = 0) -> tuple[int, dict | None]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        (tp,) = consumer.committed([TopicPartition(topic, partition)], timeout=10)
-        return tp.offset, orjson.loads(tp.metadata) if tp.metadata else None
-    finally:
-        consumer.close()
 
 
 def reasons(bootstrap: str, dlq_topic: str) -> list[tuple[str, int]]:
