@@ -7,16 +7,21 @@ Every Settings field can be a flag (`--field-name`) whose help gives its default
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import SettingsError
 
-from logstream.settings import Settings
+from logstream.logs import get_logger
+from logstream.settings import Settings, unknown_environment
+
+_log = get_logger("logstream.settings")
 
 
 def env_name(field_name: str) -> str:
@@ -86,7 +91,32 @@ def command_settings(args: argparse.Namespace, flags: Sequence[str], command: st
     they are invalid."""
     try:
         return Settings(**{name: value for name, value in vars(args).items() if name in flags})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"logstream-train {command}: invalid settings: {problems}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(f"logstream-train {command}: invalid settings: {settings_problem(exc)}", file=sys.stderr)
         return None
+
+
+def settings_problem(exc: ValidationError | SettingsError) -> str:
+    """What is wrong with the settings, on one line: each invalid field by its name, flag and variable.
+
+    A `SettingsError` is pydantic-settings failing to decode a variable before validation (it names
+    the field and the source); every LOGSTREAM_* value that is not plain text is decoded by a
+    validator instead, so that is a fallback.
+    """
+    if isinstance(exc, SettingsError):
+        return str(exc).replace("\n", " ")
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else ""
+        known = field in Settings.model_fields
+        parts.append(f"{field} ({_flag(field)}, {env_name(field)}): {message}" if known else message)
+    return "; ".join(parts)
+
+
+def warn_unknown_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Log a warning for each LOGSTREAM_* variable that is no setting (ignored, so a typo changes nothing),
+    naming the closest setting. Call it once logging is configured (`logs.configure_logging`)."""
+    for name, near in unknown_environment(os.environ if environ is None else environ):
+        _log.warning("unknown_environment_variable", variable=name, did_you_mean=near,
+                     effect="ignored: not a logstream setting")

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from logstream.broker import EmbeddedBroker
+from logstream.cliargs import warn_unknown_environment
 from logstream.files import read_block_labels
 from logstream.kafka import client_config
 from logstream.logs import configure_logging
@@ -176,6 +177,7 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int | N
     as `logstream run --once` does: to the end of the topic, every session closed and judged.
     """
     configure_logging("WARNING")
+    warn_unknown_environment()  # the demo's settings read LOGSTREAM_* variables too
     if dataset not in DATASETS:
         print(f"logstream demo: unknown dataset {dataset!r}; choose {', '.join(DATASETS)}", file=sys.stderr)
         return 2

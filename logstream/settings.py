@@ -7,8 +7,12 @@ Derived values are properties, so nothing is stored twice.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +39,71 @@ SESSION_GRACE_S = 30.0
 SESSION_MAX_LINES = 1000
 SESSION_MAX_OPEN = 100_000
 FUTURE_CONFIRM_LINES = 3
+
+# Kafka's rule for topic names (and group.instance.id): org.apache.kafka.common.internals.Topic.validate.
+KAFKA_NAME_MAX = 249
+KAFKA_NAME_CHARS = re.compile(r"[a-zA-Z0-9._-]+")
+STATE_TOPIC_SUFFIX = ".logstream-state"
+
+# librdkafka keys that logstream sets itself (logstream.kafka: client_config, consumer_config,
+# producer_config): a --kafka-option naming one is refused, with what to use instead. Overriding
+# them would break what the README promises (offsets committed only by cuts, the group the logs
+# name, transactions, fencing). Every other key is passed through (security.*, ssl.*, sasl.*,
+# linger.ms, compression.type, topic.metadata.refresh.interval.ms, reconnect backoff, ...);
+# tests/unit/test_settings_validation.py checks this list against the configurations kafka.py builds.
+MANAGED_KAFKA_OPTIONS: dict[str, str] = {
+    "bootstrap.servers": "use --bootstrap-servers",
+    "group.id": "use --group-id",
+    "group.instance.id": "use --group-instance-id",
+    "transactional.id": "derived from --group-id and --group-instance-id (exactly-once)",
+    "session.timeout.ms": "use --session-timeout-ms",
+    "max.poll.interval.ms": "use --max-poll-interval-ms",
+    "enable.auto.commit": "logstream commits offsets itself, only once the outputs below them are delivered",
+    "enable.auto.offset.store": "logstream commits offsets itself, only once the outputs below them are delivered",
+    "auto.offset.reset": "a partition without a commit is read from its first record, so no line goes unjudged",
+    "enable.partition.eof": "--once and replays rely on end-of-partition events",
+    "isolation.level": "read_committed keeps aborted transactions' records out (exactly-once chains)",
+    "partition.assignment.strategy": "the rebalance handling is written for cooperative-sticky",
+    "enable.idempotence": "required for ordered, duplicate-free outputs and for transactions",
+    "acks": "all is required by the idempotent producer",
+    "message.max.bytes": "derived from --alert-max-bytes and --dlq-max-bytes",
+    "error_cb": "logstream's own callback detects fenced and broken clients",
+    "logger": "logstream routes librdkafka's logs through its JSON logs",
+}
+
+# LOGSTREAM_* variables that are not settings and are read elsewhere: no "unknown variable" warning.
+ENVIRONMENT_NOT_SETTINGS = frozenset({
+    "LOGSTREAM_TEST_WORKERS",  # scripts/test.sh: pytest-xdist workers
+    "LOGSTREAM_TEST_LOG_LEVEL",  # tests/conftest.py: the test suite's log level
+})
+ENV_PREFIX = "LOGSTREAM_"
+
+
+def kafka_name_problem(name: str) -> str | None:
+    """Why Kafka refuses `name` as a topic name or group.instance.id, as a predicate ("is empty"); None
+    when it is legal.
+
+    Kafka's own rule: not empty, not "." or "..", at most 249 characters, only ASCII letters,
+    digits, '.', '_' and '-'.
+    """
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is not allowed"
+    if len(name) > KAFKA_NAME_MAX:
+        return f"is {len(name)} characters long (at most {KAFKA_NAME_MAX})"
+    if not KAFKA_NAME_CHARS.fullmatch(name):
+        bad = ", ".join(repr(char) for char in sorted({c for c in name if not KAFKA_NAME_CHARS.fullmatch(c)}))
+        return f"has characters Kafka does not allow ({bad}; only letters, digits, '.', '_' and '-')"
+    return None
+
+
+def legal_kafka_name(name: str, what: str) -> str:
+    """`name` unchanged when Kafka takes it as a topic name; else ValueError "<what> '<name>' <why>"."""
+    problem = kafka_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{what} {name!r} {problem}")
+    return name
 
 
 def default_cache_dir() -> Path:
@@ -77,9 +146,10 @@ class Settings(BaseSettings):
     repartition_topic: str | None = Field(
         None, description="internal topic `logstream repartition` writes, keyed by block id (then run reads it)"
     )
-    kafka_option: dict[str, str] = Field(
+    kafka_option: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
-        description="extra librdkafka settings for consumer and producer, e.g. security.protocol (JSON object in env)",
+        description="extra librdkafka settings for consumer and producer, e.g. security.protocol (JSON object in "
+        "env); keys logstream sets itself (group.id, enable.auto.commit, ...) are refused",
     )
     create_topics: bool = Field(True, description="create missing output/state topics at start")
     topic_partitions: int = Field(1, ge=1, description="partitions for topics logstream creates itself")
@@ -205,6 +275,67 @@ class Settings(BaseSettings):
             return [topic.strip() for topic in text.split(",") if topic.strip()]
         return value
 
+    @field_validator("input_topic")
+    @classmethod
+    def _legal_input_topics(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            legal_kafka_name(topic, "topic name")
+        return value
+
+    @field_validator("alerts_topic", "dlq_topic", "state_topic", "repartition_topic")
+    @classmethod
+    def _legal_topic(cls, value: str | None) -> str | None:
+        return None if value is None else legal_kafka_name(value, "topic name")
+
+    @field_validator("group_instance_id")
+    @classmethod
+    def _legal_instance_id(cls, value: str | None) -> str | None:
+        """Kafka checks a static member id with its topic-name rule; an empty one is a mistake, not "unset"."""
+        return None if value is None else legal_kafka_name(value, "group.instance.id")
+
+    @field_validator("group_id", "bootstrap_servers")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise ValueError(f"{value!r} is not a log level (DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+        return level
+
+    @field_validator("kafka_option", mode="before")
+    @classmethod
+    def _options_from_text(cls, value: object) -> object:
+        """`LOGSTREAM_KAFKA_OPTION='{"security.protocol": "SASL_SSL", "linger.ms": 10}'`: a JSON object whose
+        numbers and booleans become librdkafka's text values; unset or empty is no option."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not JSON ({exc.msg} at character {exc.pos}); write a JSON object, e.g. "
+                                 '{"security.protocol": "SASL_SSL"}') from None
+            if not isinstance(value, dict):
+                raise ValueError('must be a JSON object of librdkafka settings, e.g. {"security.protocol": "SASL_SSL"}')
+        if isinstance(value, dict):
+            return {key: _option_text(option) for key, option in value.items()}
+        return value
+
+    @field_validator("kafka_option")
+    @classmethod
+    def _unmanaged_options(cls, value: dict[str, str]) -> dict[str, str]:
+        managed = [key for key in value if key.strip() in MANAGED_KAFKA_OPTIONS]
+        if managed:
+            raise ValueError("; ".join(f"{key} is set by logstream itself ({MANAGED_KAFKA_OPTIONS[key.strip()]})"
+                                       for key in managed))
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.window_stride is not None and self.window_stride > self.window_size:
@@ -212,7 +343,53 @@ class Settings(BaseSettings):
                 f"window_stride ({self.window_stride}) must not exceed window_size ({self.window_size}): "
                 "a larger stride would skip lines that no window judges"
             )
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError(
+                f"max_poll_interval_ms ({self.max_poll_interval_ms}) must not be below session_timeout_ms "
+                f"({self.session_timeout_ms}): Kafka's consumer refuses a poll interval shorter than its session"
+            )
+        self._check_output_topics()
         return self
+
+    def _check_output_topics(self) -> None:
+        """The topics `run` writes are legal names, none is an input topic (it would read back its own
+        output, without end) and no two are the same (each holds another kind of record)."""
+        if self.state_topic is None and (problem := kafka_name_problem(self.resolved_state_topic)) is not None:
+            raise ValueError(
+                f"the state topic {self.resolved_state_topic!r} (--group-id + {STATE_TOPIC_SUFFIX!r}) {problem}; set "
+                "--state-topic, or use a group id of letters, digits, '.', '_' and '-'"
+            )
+        outputs = self.output_topics
+        for flag, topic in outputs.items():
+            if topic in self.input_topic:
+                raise ValueError(
+                    f"{flag} {topic!r} is also an --input-topic: logstream would read back what it writes there "
+                    "as log lines, without end; give every output a topic of its own"
+                )
+        seen: dict[str, str] = {}
+        for flag, topic in outputs.items():
+            if topic in seen:
+                raise ValueError(
+                    f"{seen[topic]} and {flag} are the same topic {topic!r}: alerts, dead letters and state snapshots "
+                    "are different records (the state topic is compacted); give each its own topic"
+                )
+            seen[topic] = flag
+
+    def repartition_problem(self) -> str | None:
+        """Why `logstream repartition` cannot run with these topics (None: it can). Only that command writes
+        --repartition-topic; `run` reads it as its --input-topic, so the two may share a configuration."""
+        if not self.input_topic or not self.repartition_topic:
+            return "--input-topic and --repartition-topic are required"
+        if self.repartition_topic in self.input_topic:
+            return (f"--repartition-topic {self.repartition_topic!r} is also an --input-topic: repartition would "
+                    "re-read every line it writes, without end")
+        return None
+
+    @property
+    def output_topics(self) -> dict[str, str]:
+        """The topics `run` writes, by the flag that names them (the state topic as resolved)."""
+        return {"--alerts-topic": self.alerts_topic, "--dlq-topic": self.dlq_topic,
+                "--state-topic": self.resolved_state_topic}
 
     @property
     def stride(self) -> int:
@@ -232,7 +409,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_state_topic(self) -> str:
-        return self.state_topic or f"{self.group_id}.logstream-state"
+        return self.state_topic or f"{self.group_id}{STATE_TOPIC_SUFFIX}"
 
     @property
     def transactional_id(self) -> str:
@@ -256,3 +433,33 @@ class Settings(BaseSettings):
         if self.assignment_timeout_s is not None:
             return self.assignment_timeout_s
         return self.session_timeout_ms / 1000.0 + 30.0
+
+
+def _option_text(value: object) -> object:
+    """A librdkafka value as text: JSON true/false become "true"/"false", numbers their digits; else unchanged."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The LOGSTREAM_* variables of `environ` that are no setting, each with the closest setting's variable.
+
+    pydantic-settings ignores them (a typo such as LOGSTREAM_WINDOW_SIZ silently leaves the default);
+    names are matched without case, as pydantic-settings reads them. Variables read elsewhere
+    (`ENVIRONMENT_NOT_SETTINGS`) are not reported. The suggestion is None when no setting is close.
+    """
+    fields = list(Settings.model_fields)
+    found: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in ENVIRONMENT_NOT_SETTINGS:
+            continue
+        field = upper[len(ENV_PREFIX):].lower()
+        if field in Settings.model_fields:
+            continue
+        near = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+        found.append((name, ENV_PREFIX + near[0].upper() if near else None))
+    return found

@@ -304,13 +304,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings
+    from logstream.cliargs import command_settings, warn_unknown_environment
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "evaluate")
     if settings is None:
         return 2
     configure_logging(settings.log_level)
+    warn_unknown_environment()
     detector: Detector | None = None
     compared: dict[str, Detector] = {}
     try:

@@ -704,13 +704,14 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings
+    from logstream.cliargs import command_settings, warn_unknown_environment
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "fit-logllama")
     if settings is None:
         return 2
     configure_logging(settings.log_level)
+    warn_unknown_environment()
     try:
         summary = fit(args, settings)
     except (FitError, ArtifactError, KeysError, ValueError, OSError) as exc:

@@ -929,7 +929,7 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings
+    from logstream.cliargs import command_settings, warn_unknown_environment
     from logstream.detectors.base import DetectorNotReady
 
     started = time.perf_counter()
@@ -942,6 +942,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"logstream-train fit: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level if world.main else "WARNING")  # rank 0 tells the story
+    if world.main:
+        warn_unknown_environment()
     try:
         summary = fit(args, settings, world)
     except (RunError, ArtifactError, BaseModelError, DetectorNotReady, ValueError, OSError, WorldError) as exc:
