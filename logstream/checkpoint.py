@@ -49,7 +49,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from logstream.errors import FatalPipelineError
 from logstream.fingerprint import WindowFingerprint
-from logstream.kafka import KAFKA_CALL_TIMEOUT_S, read_record
+from logstream.kafka import KAFKA_CALL_TIMEOUT_S, fatal_reason, is_fatal, kafka_client, read_record
 from logstream.logs import get_logger
 from logstream.settings import Settings
 
@@ -231,6 +231,7 @@ class CommitPolicy:
 
     def __init__(self, settings: Settings, host: CommitHost, producer_config: dict[str, Any],
                  stop_event: threading.Event) -> None:
+        self.settings = settings
         self.exactly_once = settings.guarantee == "exactly-once"
         self.interval_s = settings.commit_interval_s
         self.host = host
@@ -251,18 +252,39 @@ class CommitPolicy:
         return self.producer
 
     def close(self, clean: bool) -> None:
-        """Flush the producer; after an unclean stop in exactly-once mode, abort the open transaction first."""
+        """Flush the producer; after an unclean stop in exactly-once mode, abort the open transaction first.
+
+        Never raises a Kafka error: a fenced or broken producer (nothing more can be written) is
+        `FatalPipelineError` with the operator's sentence; any other failure is logged.
+        """
         if self.producer is None:
             return
-        if self.exactly_once and not clean:
-            try:
-                self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
-            except KafkaException:
-                pass
-        self.producer.flush(KAFKA_CALL_TIMEOUT_S)
+        try:
+            if self.exactly_once and not clean:
+                try:
+                    self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+                except KafkaException as exc:
+                    if is_fatal(exc.args[0]):
+                        raise
+                    log.warning("transaction_abort_failed", error=str(exc.args[0]), action="closing anyway")
+            self.producer.flush(KAFKA_CALL_TIMEOUT_S)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if is_fatal(error):
+                raise self._fatal(error) from None
+            log.warning("producer_flush_failed", error=str(error))
+
+    @property
+    def transactional_id(self) -> str | None:
+        """The producer's transactional id (None: at-least-once)."""
+        return self._producer_config.get("transactional.id")
+
+    def _fatal(self, error: KafkaError) -> FatalPipelineError:
+        """The error that stops the process for a fatal producer error (a fence names who took over)."""
+        return FatalPipelineError(fatal_reason(error, self.settings, self.transactional_id))
 
     def _new_producer(self) -> Producer:
-        producer = Producer(self._producer_config)
+        producer = kafka_client(Producer, self._producer_config)
         if not self.exactly_once:
             return producer
         while True:  # the coordinator may be unreachable for a while (broker outage): keep trying
@@ -270,8 +292,11 @@ class CommitPolicy:
                 producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
                 break
             except KafkaException as exc:
-                if exc.args[0].fatal() or self._stop_event.is_set():
-                    raise FatalPipelineError(f"cannot start the transactional producer: {exc}") from exc
+                error: KafkaError = exc.args[0]
+                if is_fatal(error):
+                    raise self._fatal(error) from None
+                if self._stop_event.is_set():
+                    raise FatalPipelineError(f"cannot start the transactional producer: {error.str()}") from None
                 log.warning("producer_init_retry", error=str(exc))
         producer.begin_transaction()
         return producer
@@ -364,8 +389,8 @@ class CommitPolicy:
 
     def _on_commit_error(self, exc: KafkaException) -> bool:
         error: KafkaError = exc.args[0]
-        if error.fatal():
-            raise FatalPipelineError(f"producer fenced or broken: {error}") from exc
+        if is_fatal(error):
+            raise self._fatal(error) from None
         if self.exactly_once and error.txn_requires_abort():
             log.warning("transaction_aborted", error=str(error))
             self.abort_and_rewind()
@@ -384,8 +409,8 @@ class CommitPolicy:
             self.producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
             self.producer.begin_transaction()
         except KafkaException as exc:
-            if exc.args[0].fatal():
-                raise FatalPipelineError(f"cannot abort transaction: {exc}") from exc
+            if is_fatal(exc.args[0]):
+                raise self._fatal(exc.args[0]) from None
             log.warning("transaction_abort_failed", error=str(exc), action="replacing the producer")
             self.replace_producer()
         self.pending = None
@@ -401,10 +426,17 @@ class CommitPolicy:
             self.rewind(set(self.host.ledgers()) - lost)
 
     def replace_producer(self) -> None:
-        """Drop the transactional producer (its open transaction with it) and start a fresh one."""
+        """Drop the transactional producer (its open transaction with it) and start a fresh one.
+
+        A fenced producer is not replaced (a fresh one would fence the instance that took over in
+        turn): `FatalPipelineError`."""
         assert self.producer is not None
-        self.producer.purge(in_queue=True, in_flight=True, blocking=False)
-        self.producer.flush(0)
+        try:
+            self.producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self.producer.flush(0)
+        except KafkaException as exc:
+            if is_fatal(exc.args[0]):
+                raise self._fatal(exc.args[0]) from None
         self.producer = self._new_producer()
         self.pending = None
 
@@ -418,6 +450,33 @@ class CommitPolicy:
             start = self.host.rewound((tp.topic, tp.partition), parse_metadata(tp.offset, tp.metadata))
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, start if start is not None else OFFSET_BEGINNING))
         log.warning("partitions_rewound", partitions=sorted(f"{t}/{p}" for t, p in tps))
+
+
+def close_clients(policy: CommitPolicy, consumer: Consumer | None, clean: bool) -> str | None:
+    """Close a consume -> produce -> commit loop's clients: flush (or abort) the policy's producer, then
+    leave the group (which runs the revoke callback).
+
+    Never raises a Kafka error: returns the fatal reason met on the way (the producer fenced while it
+    flushed, the member fenced, a revoke's commit refused), None when both closed cleanly.
+    """
+    problem: str | None = None
+    try:
+        policy.close(clean)
+    except FatalPipelineError as exc:
+        problem = str(exc)
+    if consumer is None:
+        return problem
+    try:
+        consumer.close()
+    except FatalPipelineError as exc:  # raised by a rebalance callback that close ran
+        problem = problem or str(exc)
+    except KafkaException as exc:
+        error: KafkaError = exc.args[0]
+        if is_fatal(error):
+            problem = problem or fatal_reason(error, policy.settings, policy.transactional_id)
+        else:
+            log.warning("consumer_close_failed", error=str(error))
+    return problem
 
 
 def _offsets(parts: Mapping[TopicPartitionKey, PartitionCut]) -> list[TopicPartition]:

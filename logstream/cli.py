@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from logstream import __version__
 from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, unreadable_file
-from logstream.cliargs import add_settings_arguments, settings_from
+from logstream.cliargs import add_settings_arguments, settings_from, settings_problem, warn_unknown_environment
 from logstream.errors import KafkaSetupError
 from logstream.logs import configure_logging, get_logger
-from logstream.settings import Settings
+from logstream.settings import Settings, kafka_name_problem
 
 log = get_logger("logstream.cli")
 
@@ -35,15 +36,16 @@ Command = Callable[[argparse.Namespace], int]
 def cmd_run(args: argparse.Namespace) -> int:
     from logstream.detectors.base import DetectorNotReady
     from logstream.detectors.registry import load_detector
-    from logstream.kafka import base_config, wait_for_broker
+    from logstream.kafka import base_config, check_client_configs, wait_for_broker
     from logstream.metrics import Health, Metrics, MetricsServer, MetricsServerError
     from logstream.pipeline import Pipeline
 
     settings = settings_from(args)
-    configure_logging(settings.log_level)
+    _start_logging(settings.log_level)
     if not settings.input_topic:
         print("logstream run: at least one --input-topic is required", file=sys.stderr)
         return 2
+    check_client_configs(settings)  # a refused --kafka-option: one line and exit 2 (KafkaConfigError: main)
     # The endpoint comes up before the detector loads (minutes for a large model on CPU): /healthz
     # answers meanwhile, so a liveness probe does not kill a loading process; /readyz says 503.
     metrics, health = Metrics(), Health()
@@ -66,10 +68,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         stop = threading.Event()
         _stop_on_signals(stop)
-        return Pipeline(settings, detector, metrics=metrics, health=health, stop_event=stop).run()
+        pipeline = Pipeline(settings, detector, metrics=metrics, health=health, stop_event=stop)
+        code = pipeline.run()
+        if pipeline.failure is not None:  # fenced or broken for good: the one line after the JSON logs
+            print(f"logstream run: {pipeline.failure}", file=sys.stderr)
+        return code
     finally:
         if server is not None:
             server.stop()
+
+
+def _start_logging(level: str) -> None:
+    """Every command's first log set-up: JSON logs at `level`, then a warning per unknown LOGSTREAM_* variable."""
+    configure_logging(level)
+    warn_unknown_environment()
 
 
 def _connect_timeout(args: argparse.Namespace) -> float:
@@ -97,7 +109,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from logstream.basemodels import CacheDirError, writable_cache_dir
     from logstream.broker import EmbeddedBroker
 
-    configure_logging("INFO")
+    _start_logging("INFO")
     try:
         data_dir = writable_cache_dir(args.data_dir or (Settings().cache_dir / "broker"))
     except CacheDirError as exc:
@@ -121,9 +133,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from logstream.kafka import client_config, wait_for_broker
     from logstream.producer import produce_file
 
-    configure_logging("INFO")
+    _start_logging("INFO")
     if (problem := unreadable_file(args.file)) is not None:
         print(f"logstream produce: --file {problem}", file=sys.stderr)
+        return 2
+    if (problem := kafka_name_problem(args.topic)) is not None:
+        print(f"logstream produce: --topic {args.topic!r} {problem}", file=sys.stderr)
         return 2
     wait_for_broker(client_config(args.bootstrap_servers), _connect_timeout(args))
     try:
@@ -143,7 +158,10 @@ def _tail(args: argparse.Namespace, command: str, noun: str, tail: Callable[...,
     one line and exit 2."""
     from logstream.tail import WrongTopic
 
-    configure_logging("WARNING")
+    _start_logging("WARNING")
+    if (problem := kafka_name_problem(args.topic)) is not None:
+        print(f"logstream {command}: --topic {args.topic!r} {problem}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
@@ -175,7 +193,7 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
     from logstream.files import iter_log_lines
     from logstream.parsing import LineParser
 
-    configure_logging("INFO")
+    _start_logging("INFO")
     for path in args.input:
         if (problem := unreadable_file(path)) is not None:
             print(f"logstream novelty fit: --input {problem}", file=sys.stderr)
@@ -209,23 +227,29 @@ REPARTITION_FIELDS = (
 
 
 def cmd_repartition(args: argparse.Namespace) -> int:
+    from logstream.kafka import check_client_configs
     from logstream.repartition import Repartitioner
 
     settings = settings_from(args)
-    configure_logging(settings.log_level)
-    if not settings.input_topic or not settings.repartition_topic:
-        print("logstream repartition: --input-topic and --repartition-topic are required", file=sys.stderr)
+    _start_logging(settings.log_level)
+    if (problem := settings.repartition_problem()) is not None:
+        print(f"logstream repartition: {problem}", file=sys.stderr)
         return 2
+    check_client_configs(settings)
     stop = threading.Event()
     _stop_on_signals(stop)
-    return Repartitioner(settings, stop_event=stop).run()
+    repartitioner = Repartitioner(settings, stop_event=stop)
+    code = repartitioner.run()
+    if repartitioner.failure is not None:
+        print(f"logstream repartition: {repartitioner.failure}", file=sys.stderr)
+    return code
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     from logstream.basemodels import BaseModelError, resolve_embedder, resolve_llm
 
     settings = settings_from(args)
-    configure_logging(settings.log_level)
+    _start_logging(settings.log_level)
     try:
         bases = {"encoder": resolve_embedder(settings.embedder, settings.cache_dir),
                  "LLM": resolve_llm(settings.llm, settings.cache_dir)}
@@ -347,9 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KafkaSetupError as exc:  # broker unreachable, input topic missing, no partitions: one line
         print(f"logstream {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        print(f"logstream {args.command}: invalid settings: {problems}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(f"logstream {args.command}: invalid settings: {settings_problem(exc)}", file=sys.stderr)
         return 2
 
 

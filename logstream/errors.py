@@ -26,7 +26,10 @@ class FatalFlag:
         self.reason: str | None = None
 
     def set(self, reason: str) -> None:
-        self.reason = reason
+        """Record `reason` unless one is recorded already: the first fatal condition is the cause, what
+        follows (deliveries failing after a fence, say) is its consequence."""
+        if self.reason is None:
+            self.reason = reason
 
     def raise_if_set(self) -> None:
         """Raises FatalPipelineError naming the reason, once one was set."""

@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, Message
 
 from logstream.deadletters import DeadLetterWatch
 from logstream.errors import FatalFlag
+from logstream.kafka import fatal_reason, is_fatal
 from logstream.logs import LogThrottle, get_logger
 from logstream.metrics import Metrics
 from logstream.parsing import BadRecord, LineParser
@@ -96,8 +97,8 @@ class Ingest:
 
     def _on_consume_error(self, message: Message, error: KafkaError) -> None:
         """A consume error other than end-of-partition (which `handle` notes on the partition)."""
-        if error.fatal() or error.code() == KafkaError._FATAL:
-            self.fatal.set(f"consumer fenced or broken: {error}")  # e.g. a newer instance took our static id
+        if is_fatal(error):
+            self.fatal.set(fatal_reason(error, self.settings))  # e.g. a newer instance took our static id
             return
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             topic = message.topic()

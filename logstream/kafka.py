@@ -7,11 +7,13 @@ Apache Kafka and the embedded broker.
 from __future__ import annotations
 
 import difflib
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from logstream.errors import KafkaSetupError
@@ -44,6 +46,97 @@ class TopicMissing(KafkaSetupError):
     exit_code = 2
 
 
+class KafkaConfigError(KafkaSetupError):
+    """librdkafka refused a client configuration (an unknown property, a bad value, two that conflict)."""
+
+    exit_code = 2
+
+
+ClientT = TypeVar("ClientT", Consumer, Producer, AdminClient)
+
+
+def kafka_client(kind: Callable[[dict[str, Any]], ClientT], config: dict[str, Any]) -> ClientT:
+    """`kind(config)` for Consumer, Producer or AdminClient; `KafkaConfigError` with librdkafka's reason
+    when it refuses the configuration (construction connects to nothing: any failure is the configuration)."""
+    try:
+        return kind(config)
+    except KafkaException as exc:
+        raise KafkaConfigError(f"Kafka client configuration refused: {exc.args[0].str()}") from None
+
+
+def check_client_configs(settings: Settings) -> None:
+    """Build (and drop at once) the consumer, producer and admin client `run` and `repartition` will build, so a
+    configuration librdkafka refuses is one `KafkaConfigError` at start, not a traceback after the model loaded.
+
+    A property that only conflicts in one kind of client (`acks` with idempotence, `message.timeout.ms`
+    above `transaction.timeout.ms`) is caught too. Nothing joins the group or starts a transaction:
+    constructing a client does not fence anyone.
+    """
+    try:
+        kafka_client(AdminClient, base_config(settings))
+        kafka_client(Producer, producer_config(settings))
+        kafka_client(Consumer, consumer_config(settings)).close()
+    except KafkaConfigError as exc:
+        given = ", ".join(sorted(settings.kafka_option))
+        hint = f" (--kafka-option / LOGSTREAM_KAFKA_OPTION set: {given})" if given else ""
+        raise KafkaConfigError(f"{exc}{hint}") from None
+
+
+# A fence: another instance took this one's transactional id or static member id. librdkafka reports it
+# with its own code, or as _FATAL whose text carries the original reason, so both are matched.
+_PRODUCER_FENCES = (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+_MEMBER_FENCES = (KafkaError.FENCED_INSTANCE_ID,)
+
+
+def _fence_texts(codes: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(KafkaError(code).str().removeprefix("Broker: ").removeprefix("Local: ") for code in codes)
+
+
+_PRODUCER_FENCE_TEXTS, _MEMBER_FENCE_TEXTS = _fence_texts(_PRODUCER_FENCES), _fence_texts(_MEMBER_FENCES)
+
+
+def is_fenced(error: KafkaError) -> bool:
+    """Whether `error` says another instance took over this one's transactional id or static member id."""
+    text = error.str()
+    return (error.code() in _PRODUCER_FENCES + _MEMBER_FENCES
+            or any(known in text for known in _PRODUCER_FENCE_TEXTS + _MEMBER_FENCE_TEXTS))
+
+
+def is_fatal(error: KafkaError) -> bool:
+    """Whether the client that reported `error` can do nothing more: librdkafka's fatal errors and fences."""
+    return error.fatal() or error.code() == KafkaError._FATAL or is_fenced(error)
+
+
+def fatal_reason(error: KafkaError, settings: Settings, transactional_id: str | None = None) -> str:
+    """The one line an operator reads when a Kafka client of this instance stops for good.
+
+    A fence names who took over (the transactional id, or the group and static member id) and what to
+    do; any other fatal error is librdkafka's text. `transactional_id` is the producer's when it is not
+    the consumer's default (`repartition` has its own).
+    """
+    text = error.str()
+    if error.code() in _PRODUCER_FENCES or any(known in text for known in _PRODUCER_FENCE_TEXTS):
+        tid = transactional_id or settings.transactional_id
+        return (f"fenced: another instance started with transactional id {tid!r} ({_identity(settings)}) and took "
+                "over; this one stops without committing more. If that was not this replica restarting, give each "
+                "replica its own --group-instance-id")
+    if error.code() in _MEMBER_FENCES or any(known in text for known in _MEMBER_FENCE_TEXTS):
+        given = "--group-instance-id" if settings.group_instance_id else (
+            "the host name: without --group-instance-id, exactly-once uses it")
+        return (f"fenced: another member joined group {settings.group_id!r} with the same group.instance.id "
+                f"{settings.static_member_id!r} ({given}) and took over; this one stops. If that was not this "
+                "replica restarting, give each replica its own --group-instance-id")
+    return f"Kafka client failed for good: {text} ({error.name()})"
+
+
+def _identity(settings: Settings) -> str:
+    """How an instance's transactional id came about, in flags."""
+    if settings.group_instance_id:
+        return f"--group-id {settings.group_id!r} and --group-instance-id {settings.group_instance_id!r}"
+    return (f"--group-id {settings.group_id!r} on host {socket.gethostname()!r}: without --group-instance-id, "
+            "exactly-once uses the host name")
+
+
 def client_config(bootstrap_servers: str) -> dict[str, Any]:
     """What every logstream Kafka client shares: the address, backoff, and librdkafka logs through structlog."""
     return {
@@ -68,7 +161,7 @@ def wait_for_broker(config: dict[str, Any], timeout_s: float) -> ClusterMetadata
     reason (connection refused, name not resolved, authentication failed, ...).
     """
     errors: list[KafkaError] = []
-    probe = AdminClient({**config, "log_level": 2, "error_cb": errors.append})  # 2: critical only
+    probe = kafka_client(AdminClient, {**config, "log_level": 2, "error_cb": errors.append})  # 2: critical only
     bootstrap = str(config.get("bootstrap.servers"))
     deadline = time.monotonic() + timeout_s
     delay = CONNECT_RETRY_FIRST_S
@@ -99,8 +192,9 @@ def _connection_reason(errors: list[KafkaError]) -> str | None:
     return errors[-1].str() if errors else None
 
 
-def require_topics(metadata: ClusterMetadata, topics: list[str], bootstrap_servers: str) -> None:
-    """`TopicMissing` naming every topic of `topics` the cluster does not have (with near names)."""
+def require_topics(metadata: ClusterMetadata, topics: list[str], bootstrap_servers: str, role: str = "input") -> None:
+    """`TopicMissing` naming every topic of `topics` the cluster does not have (with near names); `role` says
+    what the topics are to the command ("input", "alerts", ...)."""
     missing = [topic for topic in topics
                if topic not in metadata.topics or metadata.topics[topic].error is not None]
     if not missing:
@@ -113,7 +207,7 @@ def require_topics(metadata: ClusterMetadata, topics: list[str], bootstrap_serve
         near = difflib.get_close_matches(topic, existing, n=2)
         parts.append(text + (f" - did you mean {' or '.join(repr(n) for n in near)}?" if near else ""))
     noun = "topic" if len(missing) == 1 else "topics"
-    raise TopicMissing(f"input {noun} {', '.join(parts)} not found on {bootstrap_servers}")
+    raise TopicMissing(f"{role} {noun} {', '.join(parts)} not found on {bootstrap_servers}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +223,7 @@ class GroupView:
 
 def describe_group(settings: Settings, timeout: float = 5.0) -> GroupView | None:
     """The group's state and members, or None when the coordinator does not answer in time."""
-    admin = AdminClient(base_config(settings))
+    admin = kafka_client(AdminClient, base_config(settings))
     try:
         found = admin.describe_consumer_groups([settings.group_id], request_timeout=timeout)[settings.group_id]
         group = found.result(timeout=timeout)
@@ -202,10 +296,24 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+# The broker refused a topic as asked for (its settings, name or a policy): the command line must change.
+_TOPIC_REQUEST_ERRORS = (KafkaError.INVALID_REPLICATION_FACTOR, KafkaError.INVALID_PARTITIONS,
+                         KafkaError.INVALID_CONFIG, KafkaError.TOPIC_EXCEPTION, KafkaError.POLICY_VIOLATION,
+                         KafkaError.INVALID_REPLICA_ASSIGNMENT)
+
+
 def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]], timeout: float = 30.0) -> None:
-    """Create the missing topics among `topics` (name -> topic config); existing ones are left as they are."""
-    admin = AdminClient(base_config(settings))
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    """Create the missing topics among `topics` (name -> topic config); existing ones are left as they are.
+
+    `KafkaSetupError` (one line) when the broker cannot be asked or refuses a topic: exit 2 when the
+    request itself is wrong (`--topic-replication` above the brokers there are, a topic config the broker
+    refuses), 1 otherwise (not authorized, broker trouble).
+    """
+    admin = kafka_client(AdminClient, base_config(settings))
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise KafkaSetupError(f"cannot list the topics on {settings.bootstrap_servers}: {exc.args[0].str()}") from None
     wanted = [
         NewTopic(name, settings.topic_partitions, settings.topic_replication, config=config)
         for name, config in topics.items()
@@ -213,16 +321,22 @@ def ensure_topics(settings: Settings, topics: dict[str, dict[str, str]], timeout
     ]
     if not wanted:
         return
-    for future in admin.create_topics(wanted, operation_timeout=timeout).values():
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
         try:
             future.result()
         except KafkaException as exc:
-            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise
+            error: KafkaError = exc.args[0]
+            if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            refused = KafkaSetupError(f"cannot create topic {name!r} on {settings.bootstrap_servers}: {error.str()} "
+                                      "(create it beforehand and pass --no-create-topics, or change "
+                                      "--topic-partitions / --topic-replication)")
+            refused.exit_code = 2 if error.code() in _TOPIC_REQUEST_ERRORS else 1
+            raise refused from None
 
 
 def partitions_of(settings: Settings, topic: str, timeout: float = 10.0) -> list[int]:
-    admin = AdminClient(base_config(settings))
+    admin = kafka_client(AdminClient, base_config(settings))
     meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
     if meta is None or meta.error is not None:
         raise KafkaException(meta.error if meta else f"topic {topic} not found")
@@ -238,7 +352,8 @@ def read_record(settings: Settings, topic: str, partition: int, offset: int, tim
     stable offset stops there), or, as seen with the embedded broker right after a fenced
     transaction was aborted, skip the committed record.
     """
-    reader = Consumer(
+    reader = kafka_client(
+        Consumer,
         {
             **base_config(settings),
             "group.id": f"{settings.group_id}.state-reader",
@@ -246,7 +361,7 @@ def read_record(settings: Settings, topic: str, partition: int, offset: int, tim
             "isolation.level": "read_uncommitted",
             "enable.partition.eof": True,
             "auto.offset.reset": "error",
-        }
+        },
     )
     try:
         reader.assign([TopicPartition(topic, partition, offset)])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from logstream.kafka import RECORD_OVERHEAD_BYTES, base_config, ensure_topics
+from logstream.kafka import RECORD_OVERHEAD_BYTES, base_config, ensure_topics, kafka_client
 from logstream.logs import get_logger
 from logstream.settings import Settings
 
@@ -40,7 +40,7 @@ class OutputLimits:
 
 def topic_limits(settings: Settings, topics: Iterable[str], timeout: float = 10.0) -> dict[str, int]:
     """`max.message.bytes` of each topic the broker describes (topics it cannot describe are left out)."""
-    admin = AdminClient(base_config(settings))
+    admin = kafka_client(AdminClient, base_config(settings))
     futures = admin.describe_configs([ConfigResource("topic", topic) for topic in dict.fromkeys(topics)])
     limits: dict[str, int] = {}
     for resource, future in futures.items():

@@ -40,6 +40,7 @@ from logstream.checkpoint import (
     Cut,
     OutputLedger,
     PartitionCut,
+    close_clients,
     parse_metadata,
     read_snapshot,
 )
@@ -55,6 +56,9 @@ from logstream.kafka import (
     assign_at,
     base_config,
     consumer_config,
+    fatal_reason,
+    is_fatal,
+    kafka_client,
     producer_config,
     require_topics,
     wait_for_broker,
@@ -118,6 +122,8 @@ class Pipeline:
         self._sizer = ConsumeSizer(CONSUME_BATCH)
         self._windows_submitted = 0  # windows handed to the scorer so far (the sizer's rate)
         self._fatal = FatalFlag()
+        self.failure: str | None = None  # why the run stopped with exit code 2 (one line for the operator)
+        self._committing = True  # False once the run failed or stops uncleanly: nothing more is committed
         self._error_log = LogThrottle(10.0)
         self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
         self._dead_letters = DeadLetterWatch(self.metrics, settings.format, settings.window)
@@ -147,16 +153,41 @@ class Pipeline:
     # ==========================================================================================
 
     def run(self) -> int:
-        """Run until stopped (or, with `once`, until the input is consumed). Returns the exit code."""
-        settings = self.settings
-        # Kafka must answer, and a batch run's input must exist, before anything starts (one clear error).
+        """Run until stopped (or, with `once`, until the input is consumed). Returns the exit code.
+
+        0: stopped or done; 2: a fatal Kafka condition (a fenced instance), said in `failure` (one line,
+        also logged as `pipeline_fatal`), met while running or while closing. `KafkaSetupError` before
+        anything started (broker unreachable, a missing `--once` input, a topic or client configuration
+        Kafka refuses).
+        """
         try:
-            metadata = wait_for_broker(base_config(settings), settings.connect_timeout_s)
-            if settings.once:
-                require_topics(metadata, list(settings.input_topic), settings.bootstrap_servers)
+            self._prepare()
         except KafkaSetupError:
             self.detector.close()
             raise
+        self.scorer.start()
+        code = 1  # an exception out of the loop is not a clean stop
+        thresholds = gc.get_threshold()
+        gc.set_threshold(max(thresholds[0], GC_YOUNG_THRESHOLD), *thresholds[1:])
+        try:
+            self._start()
+            code = self._loop()
+        except FatalPipelineError as exc:
+            code = self._fail(str(exc))
+        finally:
+            gc.set_threshold(*thresholds)
+            problem = self._close(clean=code == 0)
+        if problem is not None:
+            code = self._fail(problem)
+        return code
+
+    def _prepare(self) -> None:
+        """Kafka answers, a batch run's input exists, the output topics exist and the consumer is built;
+        `KafkaSetupError` otherwise."""
+        settings = self.settings
+        metadata = wait_for_broker(base_config(settings), settings.connect_timeout_s)
+        if settings.once:
+            require_topics(metadata, list(settings.input_topic), settings.bootstrap_servers)
         for topic in settings.input_topic:
             if topic not in metadata.topics:
                 log.warning("input_topic_missing", topic=topic, action="waiting: it is consumed within seconds of "
@@ -165,9 +196,14 @@ class Pipeline:
             ensure_output_topics(settings)
         self.publisher.limits = output_limits(settings)
         self._consumer_config = {**consumer_config(settings), "error_cb": self._on_kafka_error}
-        self.consumer = Consumer(self._consumer_config)
+        self.consumer = kafka_client(Consumer, self._consumer_config)
+
+    def _start(self) -> None:
+        """Start the producer (exactly-once: fence earlier instances; `FatalPipelineError` when that fails for
+        good) and join the group."""
+        assert self.consumer is not None
+        settings = self.settings
         self.policy.start(self.consumer)
-        self.scorer.start()
         self.consumer.subscribe(
             list(settings.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -181,18 +217,14 @@ class Pipeline:
             guarantee=settings.guarantee,
             once=settings.once,
         )
-        code = 1  # an exception out of the loop is not a clean stop
-        thresholds = gc.get_threshold()
-        gc.set_threshold(max(thresholds[0], GC_YOUNG_THRESHOLD), *thresholds[1:])
-        try:
-            code = self._loop()
-        except FatalPipelineError as exc:
-            log.error("pipeline_fatal", error=str(exc))
-            code = 2
-        finally:
-            gc.set_threshold(*thresholds)
-            self._close(clean=code == 0)
-        return code
+
+    def _fail(self, reason: str) -> int:
+        """Record the first fatal condition (`failure`, logged once) and return its exit code, 2."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("pipeline_fatal", error=reason)
+        self._committing = False
+        return 2
 
     def _loop(self) -> int:
         assert self.consumer is not None
@@ -238,14 +270,20 @@ class Pipeline:
         self._dead_letters.evaluate(final=True)
         log.info("input_finished", partitions=len(self.parts))
 
-    def _close(self, clean: bool) -> None:
+    def _close(self, clean: bool) -> str | None:
+        """Stop scoring, flush (or abort) the producer, leave the group, close the detector.
+
+        Never raises a Kafka error: a fatal one met here (the producer fenced while it flushed, a
+        revoke's commit refused) is returned as the reason to stop with. After an unclean stop the
+        partitions the group takes back on close are dropped without a commit.
+        """
+        self._committing = self._committing and clean
         self.scorer.stop()
-        self.policy.close(clean)
-        if self.consumer is not None:
-            self.consumer.close()
+        problem = close_clients(self.policy, self.consumer, clean)
         self.detector.close()
         log.info("run_summary", **self.metrics.summary())
-        log.info("pipeline_stopped", clean=clean)
+        log.info("pipeline_stopped", clean=clean and problem is None)
+        return problem
 
     # ==========================================================================================
     # rebalance callbacks (run inside consumer.consume on the poll thread)
@@ -327,6 +365,9 @@ class Pipeline:
         revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.parts)
         if not revoked:
             return
+        if not self._committing:  # closing after a failure: the next owner replays from the last commit
+            self._drop(revoked)
+            return
         self.metrics.rebalances.labels("revoke").inc()
         log.info("partitions_revoked", partitions=sorted(f"{t}/{p}" for t, p in revoked))
         self.scorer.flush_partial(True)
@@ -338,7 +379,11 @@ class Pipeline:
         lost = {(tp.topic, tp.partition) for tp in partitions} & set(self.parts)
         self.metrics.rebalances.labels("lost").inc()
         log.warning("partitions_lost", partitions=sorted(f"{t}/{p}" for t, p in lost))
-        self.policy.on_lost(lost)
+        if self._committing:
+            # A fenced instance must not start a fresh transactional producer (`policy.on_lost`): it
+            # would fence the instance that took over in turn.
+            self._fatal.raise_if_set()
+            self.policy.on_lost(lost)
         self._drop(lost)
 
     def _drop(self, tps: set[TP]) -> None:
@@ -529,8 +574,8 @@ class Pipeline:
     def _on_kafka_error(self, error: KafkaError) -> None:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self.health.broker_ok = False
-        if error.fatal() or error.code() == KafkaError._FATAL:
-            self._fatal.set(f"kafka client fatal error: {error}")
+        if is_fatal(error):
+            self._fatal.set(fatal_reason(error, self.settings))
         suppressed = self._error_log.allow(error.name(), time.monotonic())
         if suppressed is not None:
             log.warning("kafka_error", error=str(error), code=error.name(), suppressed_since_last=suppressed)

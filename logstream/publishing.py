@@ -21,6 +21,7 @@ from logstream.checkpoint import CommitPolicy, PartitionCut
 from logstream.deadletters import DeadLetterWatch
 from logstream.detectors.base import Detector
 from logstream.errors import FatalFlag
+from logstream.kafka import fatal_reason, is_fatal
 from logstream.logs import get_logger
 from logstream.metrics import Health, Metrics
 from logstream.outputs import MAX_ERROR_CHARS, MAX_KEY_BYTES, OutputLimits
@@ -210,7 +211,10 @@ class Publisher:
                 return  # an aborted transaction's records: the rewind re-produces them
             if self._refused_as_too_large(tp, epoch, output, error):
                 return
-            self.fatal.set(f"delivery to {output.topic} failed: {error}")
+            if is_fatal(error):
+                self.fatal.set(fatal_reason(error, self.settings))
+            else:
+                self.fatal.set(f"delivery to {output.topic} failed: {error}")
             return
         self.health.broker_ok = True
         if output.cut is not None:

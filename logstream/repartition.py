@@ -34,7 +34,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from logstream.assignment import AssignmentWatch, check_assignment
-from logstream.checkpoint import CommitPolicy, CommittedPosition, Cut, OutputLedger, PartitionCut
+from logstream.checkpoint import CommitPolicy, CommittedPosition, Cut, OutputLedger, PartitionCut, close_clients
 from logstream.errors import FatalFlag, FatalPipelineError
 from logstream.kafka import (
     KAFKA_CALL_TIMEOUT_S,
@@ -42,12 +42,15 @@ from logstream.kafka import (
     base_config,
     consumer_config,
     ensure_topics,
+    fatal_reason,
+    is_fatal,
+    kafka_client,
     partitions_of,
     producer_config,
     require_topics,
     wait_for_broker,
 )
-from logstream.logs import get_logger
+from logstream.logs import LogThrottle, get_logger
 from logstream.resume import resume_position, warn
 from logstream.routing import route
 from logstream.settings import Settings
@@ -90,6 +93,9 @@ class Repartitioner:
         self._assignment = AssignmentWatch(settings.input_topic, settings.effective_assignment_timeout_s)
         self._at_end: set[TP] = set()  # partitions read to their end (for --once)
         self._fatal = FatalFlag()
+        self.failure: str | None = None  # why the run stopped with exit code 2 (one line for the operator)
+        self._committing = True  # False once the run failed or stops uncleanly: nothing more is committed
+        self._error_log = LogThrottle(10.0)
         # A transactional id of its own: the consumer of the internal topic may run on the same host.
         config = producer_config(settings)
         if self.exactly_once:
@@ -107,9 +113,10 @@ class Repartitioner:
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
-        self._consumer_config = consumer_config(s)
-        self.consumer = Consumer(self._consumer_config)
+        self._consumer_config = {**consumer_config(s), "error_cb": self._on_kafka_error}
+        self.consumer = kafka_client(Consumer, self._consumer_config)
         clean = False
+        code = 0
         try:
             self.policy.start(self.consumer)  # exactly-once: a fenced or broken producer is fatal (exit 2)
             self.consumer.subscribe(list(s.input_topic), on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -128,13 +135,39 @@ class Repartitioner:
             self.policy.complete_now(math.inf if s.once else time.monotonic() + s.shutdown_timeout_s)
             clean = True
         except FatalPipelineError as exc:
-            log.error("repartition_fatal", error=str(exc))
-            return 2
+            code = self._fail(str(exc))
         finally:
-            self.policy.close(clean)
-            self.consumer.close()
-        log.info("repartition_stopped", forwarded=self.forwarded)
-        return 0
+            problem = self._close(clean)
+        if problem is not None:
+            code = self._fail(problem)
+        log.info("repartition_stopped", forwarded=self.forwarded, clean=code == 0)
+        return code
+
+    def _fail(self, reason: str) -> int:
+        """Record the first fatal condition (`failure`, logged once as `repartition_fatal`); exit code 2."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("repartition_fatal", error=reason)
+        self._committing = False
+        return 2
+
+    def _close(self, clean: bool) -> str | None:
+        """Flush (or abort) the producer and leave the group; a fatal Kafka error met here is returned, never
+        raised (after an unclean stop, partitions taken back on close are dropped without a commit)."""
+        self._committing = self._committing and clean
+        return close_clients(self.policy, self.consumer, clean)
+
+    def _reason(self, error: KafkaError) -> str:
+        return fatal_reason(error, self.settings, self.policy.transactional_id)
+
+    def _on_kafka_error(self, error: KafkaError) -> None:
+        """The consumer's error callback: a fatal error (a newer member took the static id) stops the loop;
+        others are logged, at most one per error name every 10 s."""
+        if is_fatal(error):
+            self._fatal.set(self._reason(error))
+        suppressed = self._error_log.allow(error.name(), time.monotonic())
+        if suppressed is not None:
+            log.warning("kafka_error", error=str(error), code=error.name(), suppressed_since_last=suppressed)
 
     def _forward(self, messages: list[Message]) -> bool:
         for message in messages:
@@ -143,6 +176,8 @@ class Repartitioner:
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     self._at_end.add(tp)
+                elif is_fatal(error):
+                    self._fatal.set(self._reason(error))
                 else:
                     log.warning("consume_error", error=str(error))
                 continue
@@ -179,7 +214,9 @@ class Repartitioner:
 
     def _delivered(self, tp: TP, epoch: int, seq: int, error: KafkaError | None, _message: Message) -> None:
         if error is not None:
-            if not (self.exactly_once and error.code() == KafkaError._PURGE_QUEUE):
+            if is_fatal(error):
+                self._fatal.set(self._reason(error))
+            elif not (self.exactly_once and error.code() == KafkaError._PURGE_QUEUE):
                 self._fatal.set(f"delivery to {self.target} failed: {error}")
             return
         source = self.sources.get(tp)
@@ -247,12 +284,17 @@ class Repartitioner:
         revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
         if not revoked:
             return
+        if not self._committing:  # closing after a failure: the next owner replays from the last commit
+            self._drop(revoked)
+            return
         self.policy.complete_now(time.monotonic() + min(REBALANCE_DRAIN_S, self.settings.shutdown_timeout_s))
         self._drop(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
-        self.policy.on_lost(lost)  # exactly-once: the open transaction holds lines of the lost partitions
+        if self._committing:  # a fenced instance must not start a fresh transactional producer
+            self._fatal.raise_if_set()
+            self.policy.on_lost(lost)  # exactly-once: the open transaction holds lines of the lost partitions
         self._drop(lost)
 
     def _drop(self, tps: set[TP]) -> None:

@@ -17,9 +17,18 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
-from logstream.kafka import METADATA_REFRESH_MS, BrokerUnreachable, client_config, wait_for_broker
+from logstream.kafka import (
+    METADATA_REFRESH_MS,
+    BrokerUnreachable,
+    client_config,
+    kafka_client,
+    require_topics,
+    wait_for_broker,
+)
+from logstream.logs import get_logger
 
 DEFAULT_CONNECT_TIMEOUT_S = 20.0
+_log = get_logger(__name__)
 
 DLQ_REASON_HEADER = "logstream.reason"
 
@@ -77,24 +86,29 @@ def follow_topic(
     from_beginning: bool = False,
     idle_exit_s: float | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    role: str = "the",
 ) -> int:
     """Call `handle` on each record of `topic` until `stop` is set (or nothing arrives for `idle_exit_s`).
 
     Returns how many records were handled. Reads committed records only, from a throwaway group.
     Exceptions from `handle` (e.g. `WrongTopic`) propagate after the consumer is closed.
     `BrokerUnreachable` when no broker answers within `connect_timeout_s` at start, or when the
-    idle exit comes while the broker is unreachable (nothing arrived because nothing could). An
-    outage while following is ridden out: librdkafka reconnects with backoff, its lines rate-limited.
+    idle exit comes while the broker is unreachable (nothing arrived because nothing could). A topic
+    missing at start is waited for (logged as `topic_missing`); `TopicMissing` (exit 2) at an idle exit
+    when nothing arrived because it still does not exist, naming it as the `role` topic ("alerts").
+    An outage while following is ridden out: librdkafka reconnects with backoff, its lines rate-limited.
     """
     config = client_config(bootstrap_servers)
-    wait_for_broker(config, connect_timeout_s)
+    if topic not in wait_for_broker(config, connect_timeout_s).topics:
+        _log.warning("topic_missing", topic=topic, bootstrap_servers=bootstrap_servers,
+                     action="waiting: it is read within seconds of being created")
     lost_at: list[float] = []  # when the connection was lost (empty while connected)
 
     def on_error(error: KafkaError) -> None:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT) and not lost_at:
             lost_at.append(time.monotonic())
 
-    consumer = Consumer({
+    consumer = kafka_client(Consumer, {
         **config,
         "group.id": f"logstream-tail-{uuid.uuid4().hex[:8]}",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
@@ -113,6 +127,8 @@ def follow_topic(
             if message is None or message.error():
                 if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                     _check_connected(consumer, topic, bootstrap_servers, lost_at)
+                    if not seen:  # nothing arrived: say so if it is because the topic does not exist
+                        require_topics(consumer.list_topics(timeout=10), [topic], bootstrap_servers, role)
                     break
                 continue
             lost_at.clear()
@@ -162,7 +178,7 @@ def tail_alerts(
             on_alert(document)
 
     return follow_topic(bootstrap_servers, topic, handle, stop=stop, from_beginning=from_beginning,
-                        idle_exit_s=idle_exit_s, connect_timeout_s=connect_timeout_s)
+                        idle_exit_s=idle_exit_s, connect_timeout_s=connect_timeout_s, role="alerts")
 
 
 def dead_letter(message: Message) -> dict[str, Any]:
@@ -235,4 +251,4 @@ def tail_dead_letters(
             print(format_dead_letter(record, max_bytes), flush=True)
 
     return follow_topic(bootstrap_servers, topic, handle, stop=stop, from_beginning=from_beginning,
-                        idle_exit_s=idle_exit_s, connect_timeout_s=connect_timeout_s)
+                        idle_exit_s=idle_exit_s, connect_timeout_s=connect_timeout_s, role="dead-letter")

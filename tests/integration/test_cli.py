@@ -111,3 +111,12 @@ def test_dead_letters_are_readable_and_alerts_refuses_them(bootstrap: str) -> No
     assert [base64.b64decode(r["original_base64"]) for r in records] == bad
     assert records[0]["original"] is None and records[1]["original"] == bad[1].decode()
     assert all(r["detail"] for r in records)
+
+
+def test_following_a_topic_that_does_not_exist_says_so(bootstrap: str) -> None:
+    """`alerts --idle-exit` on a missing topic: not "0 alerts" and exit 0, but the missing topic, exit 2."""
+    topic = unique("no-such-alerts")
+    done = logstream("alerts", "--bootstrap-servers", bootstrap, "--topic", topic, "--idle-exit", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"logstream alerts: alerts topic {topic!r} not found on {bootstrap}"
+    assert '"event":"topic_missing"' in done.stderr  # said at start too: it waits for the topic until the idle exit

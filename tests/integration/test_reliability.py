@@ -115,19 +115,30 @@ def published(running: BackgroundPipeline) -> float:
 # --- fencing and rebalances ---------------------------------------------------------------------------
 
 
-def test_zombie_instance_cannot_publish_after_it_is_replaced(bootstrap: str) -> None:
+def test_zombie_instance_cannot_publish_after_it_is_replaced(bootstrap: str, tmp_path: Path) -> None:
     topic = unique("zombie")
     create_topic(bootstrap, topic)
     settings = make_settings(bootstrap, topic, format="bgl", guarantee="exactly-once", group_instance_id="member-1")
     produce_lines(bootstrap, topic, BGL[:500])
-    zombie = BackgroundPipeline(settings).start()
+    # the zombie is a `logstream run` process: its exit code and stderr as the operator sees them
+    log = tmp_path / "zombie.log"
+    zombie = logstream_process(
+        ["--bootstrap-servers", bootstrap, "--input-topic", topic, "--alerts-topic", settings.alerts_topic,
+         "--dlq-topic", settings.dlq_topic, "--group-id", settings.group_id, "--group-instance-id", "member-1",
+         "--guarantee", "exactly-once", "--format", "bgl", "--detector", "null", "--emit", "all",
+         "--commit-interval-s", "0.5", "--max-poll-interval-ms", "10000", "--session-timeout-ms", "6000"], log)
     assert wait_for(lambda: len(read_alerts(bootstrap, settings.alerts_topic, idle_s=0.2)) >= 5, timeout=60)
 
     replacement = BackgroundPipeline(settings).start()  # same member id and transactional id: a restarted pod
     time.sleep(3)
     produce_lines(bootstrap, topic, BGL[500:1000])  # whatever the zombie still reads, it cannot publish
-    assert wait_for(lambda: not zombie.alive, timeout=60), "the zombie stops once fenced"
-    assert zombie.exit_code == 2
+    assert wait_for(lambda: zombie.poll() is not None, timeout=60), "the zombie stops once fenced"
+    # exit 2 and one line saying who took over (the producer's or the member's fence, whichever came first)
+    stderr = log.read_text()
+    plain = [line for line in stderr.splitlines() if not line.startswith("{")]
+    assert zombie.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(plain) == 1 and plain[0].startswith("logstream run: fenced: another "), plain
+    assert "member-1" in plain[0] and "give each replica its own --group-instance-id" in plain[0]
     assert wait_for(lambda: len(read_alerts(bootstrap, settings.alerts_topic, idle_s=0.2)) >= 10, timeout=60)
     assert replacement.stop() == 0
 
