@@ -49,7 +49,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from logstream.errors import FatalPipelineError
 from logstream.fingerprint import WindowFingerprint
-from logstream.kafka import KAFKA_CALL_TIMEOUT_S, fatal_reason, is_fatal, kafka_client, read_record
+from logstream.kafka import KAFKA_CALL_TIMEOUT_S, fatal_reason, is_fatal, kafka_client, lost_client_error, read_record
 from logstream.logs import get_logger
 from logstream.settings import Settings
 
@@ -464,6 +464,9 @@ def close_clients(policy: CommitPolicy, consumer: Consumer | None, clean: bool) 
         policy.close(clean)
     except FatalPipelineError as exc:
         problem = str(exc)
+    except SystemError as exc:  # confluent-kafka lost a fatal error in flush (`kafka.lost_client_error`)
+        if (problem := lost_client_error(exc)) is None:
+            raise
     if consumer is None:
         return problem
     try:

@@ -17,6 +17,21 @@ class FatalPipelineError(RuntimeError):
     """The process must stop without committing more (a lost delivery, a fenced producer)."""
 
 
+FENCED_PREFIX = "fenced: "  # how every reason for a fenced instance begins (logstream.kafka.fatal_reason)
+
+
+def first_cause(current: str | None, new: str) -> str:
+    """The reason to report of two fatal conditions: the first one, unless only the later one names a fence.
+
+    The first condition is the cause and what follows its consequence (deliveries failing after a
+    fence), except that librdkafka may first raise a bare "Local: Fatal error" (a produce call) and
+    name the fence only later (the error callback, the flush on close): then the fence explains it.
+    """
+    if current is None or (new.startswith(FENCED_PREFIX) and not current.startswith(FENCED_PREFIX)):
+        return new
+    return current
+
+
 class FatalFlag:
     """A fatal condition seen in a Kafka callback, raised on the poll thread at its next check."""
 
@@ -26,10 +41,8 @@ class FatalFlag:
         self.reason: str | None = None
 
     def set(self, reason: str) -> None:
-        """Record `reason` unless one is recorded already: the first fatal condition is the cause, what
-        follows (deliveries failing after a fence, say) is its consequence."""
-        if self.reason is None:
-            self.reason = reason
+        """Record `reason` unless an earlier one explains it (`first_cause`)."""
+        self.reason = first_cause(self.reason, reason)
 
     def raise_if_set(self) -> None:
         """Raises FatalPipelineError naming the reason, once one was set."""

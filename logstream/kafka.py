@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from logstream.errors import KafkaSetupError
+from logstream.errors import FENCED_PREFIX, KafkaSetupError
 from logstream.logs import get_logger, kafka_client_logger
 from logstream.settings import Settings
 
@@ -107,6 +107,20 @@ def is_fatal(error: KafkaError) -> bool:
     return error.fatal() or error.code() == KafkaError._FATAL or is_fenced(error)
 
 
+def lost_client_error(exc: SystemError) -> str | None:
+    """The reason to stop for a client call that failed without its error, None when `exc` is another SystemError.
+
+    confluent-kafka (2.16) can lose the exception of a fatal producer error raised in poll()/flush() when a
+    delivery callback runs in the same call: the call fails with SystemError "<method 'flush' of
+    'cimpl.Producer' objects> returned NULL without setting an exception". The producer is broken for
+    good; its next transactional call (the abort on close) names the cause, which then replaces this
+    one (`errors.first_cause`).
+    """
+    if "cimpl." not in str(exc):
+        return None
+    return f"Kafka client failed for good, without saying why ({exc})"
+
+
 def fatal_reason(error: KafkaError, settings: Settings, transactional_id: str | None = None) -> str:
     """The one line an operator reads when a Kafka client of this instance stops for good.
 
@@ -117,13 +131,13 @@ def fatal_reason(error: KafkaError, settings: Settings, transactional_id: str | 
     text = error.str()
     if error.code() in _PRODUCER_FENCES or any(known in text for known in _PRODUCER_FENCE_TEXTS):
         tid = transactional_id or settings.transactional_id
-        return (f"fenced: another instance started with transactional id {tid!r} ({_identity(settings)}) and took "
-                "over; this one stops without committing more. If that was not this replica restarting, give each "
-                "replica its own --group-instance-id")
+        return (f"{FENCED_PREFIX}another instance started with transactional id {tid!r} ({_identity(settings)}) "
+                "and took over; this one stops without committing more. If that was not this replica restarting, "
+                "give each replica its own --group-instance-id")
     if error.code() in _MEMBER_FENCES or any(known in text for known in _MEMBER_FENCE_TEXTS):
         given = "--group-instance-id" if settings.group_instance_id else (
             "the host name: without --group-instance-id, exactly-once uses it")
-        return (f"fenced: another member joined group {settings.group_id!r} with the same group.instance.id "
+        return (f"{FENCED_PREFIX}another member joined group {settings.group_id!r} with the same group.instance.id "
                 f"{settings.static_member_id!r} ({given}) and took over; this one stops. If that was not this "
                 "replica restarting, give each replica its own --group-instance-id")
     return f"Kafka client failed for good: {text} ({error.name()})"

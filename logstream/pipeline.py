@@ -47,7 +47,7 @@ from logstream.checkpoint import (
 from logstream.coverage import CoverageMonitor
 from logstream.deadletters import DeadLetterWatch
 from logstream.detectors.base import Detector
-from logstream.errors import FatalFlag, FatalPipelineError, KafkaSetupError
+from logstream.errors import FatalFlag, FatalPipelineError, KafkaSetupError, first_cause
 from logstream.fingerprint import window_fingerprint
 from logstream.ingest import Ingest
 from logstream.intake import ConsumeSizer
@@ -59,6 +59,7 @@ from logstream.kafka import (
     fatal_reason,
     is_fatal,
     kafka_client,
+    lost_client_error,
     producer_config,
     require_topics,
     wait_for_broker,
@@ -174,6 +175,14 @@ class Pipeline:
             code = self._loop()
         except FatalPipelineError as exc:
             code = self._fail(str(exc))
+        except KafkaException as exc:  # a client call raising its fatal error itself (producer.poll, produce)
+            if not is_fatal(exc.args[0]):
+                raise
+            code = self._fail(fatal_reason(exc.args[0], self.settings))
+        except SystemError as exc:  # the same, when confluent-kafka lost the error (lost_client_error)
+            if (lost := lost_client_error(exc)) is None:
+                raise
+            code = self._fail(lost)
         finally:
             gc.set_threshold(*thresholds)
             problem = self._close(clean=code == 0)
@@ -219,8 +228,10 @@ class Pipeline:
         )
 
     def _fail(self, reason: str) -> int:
-        """Record the first fatal condition (`failure`, logged once) and return its exit code, 2."""
-        if self.failure is None:
+        """Record the fatal condition that explains the stop (`failure`, `errors.first_cause`; logged as
+        `pipeline_fatal`) and return its exit code, 2."""
+        reason = first_cause(self.failure, reason)
+        if reason != self.failure:
             self.failure = reason
             log.error("pipeline_fatal", error=reason)
         self._committing = False

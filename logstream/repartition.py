@@ -31,11 +31,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from logstream.assignment import AssignmentWatch, check_assignment
 from logstream.checkpoint import CommitPolicy, CommittedPosition, Cut, OutputLedger, PartitionCut, close_clients
-from logstream.errors import FatalFlag, FatalPipelineError
+from logstream.errors import FatalFlag, FatalPipelineError, first_cause
 from logstream.kafka import (
     KAFKA_CALL_TIMEOUT_S,
     assign_at,
@@ -45,6 +45,7 @@ from logstream.kafka import (
     fatal_reason,
     is_fatal,
     kafka_client,
+    lost_client_error,
     partitions_of,
     producer_config,
     require_topics,
@@ -136,6 +137,14 @@ class Repartitioner:
             clean = True
         except FatalPipelineError as exc:
             code = self._fail(str(exc))
+        except KafkaException as exc:  # a client call raising its fatal error itself (producer.poll, produce)
+            if not is_fatal(exc.args[0]):
+                raise
+            code = self._fail(self._reason(exc.args[0]))
+        except SystemError as exc:  # the same, when confluent-kafka lost the error (lost_client_error)
+            if (lost := lost_client_error(exc)) is None:
+                raise
+            code = self._fail(lost)
         finally:
             problem = self._close(clean)
         if problem is not None:
@@ -144,8 +153,10 @@ class Repartitioner:
         return code
 
     def _fail(self, reason: str) -> int:
-        """Record the first fatal condition (`failure`, logged once as `repartition_fatal`); exit code 2."""
-        if self.failure is None:
+        """Record the fatal condition that explains the stop (`failure`, `errors.first_cause`; logged as
+        `repartition_fatal`); exit code 2."""
+        reason = first_cause(self.failure, reason)
+        if reason != self.failure:
             self.failure = reason
             log.error("repartition_fatal", error=reason)
         self._committing = False

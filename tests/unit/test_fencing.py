@@ -14,8 +14,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from logstream.checkpoint import CommitPolicy
 from logstream.cli import main
 from logstream.detectors.null import NullDetector
-from logstream.errors import FatalFlag, FatalPipelineError
-from logstream.kafka import fatal_reason, is_fatal, is_fenced
+from logstream.errors import FatalFlag, FatalPipelineError, first_cause
+from logstream.kafka import fatal_reason, is_fatal, is_fenced, lost_client_error
 from logstream.logs import configure_logging
 from logstream.pipeline import Pipeline
 from logstream.settings import Settings
@@ -24,6 +24,14 @@ FENCED = KafkaError(KafkaError._FENCED, fatal=True)
 # how librdkafka's error callback reports a fence: _FATAL, with the original reason in the text
 MEMBER_FENCED = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer with "
                            "same group.instance.id: Fatal consumer error", fatal=True)
+
+
+# what produce() raises once the producer is fenced: the fence itself is named only later (the flush)
+BARE = KafkaError(KafkaError._FATAL, "Unable to produce message: Local: Fatal error", fatal=True)
+
+
+# confluent-kafka 2.16 sometimes loses the fatal error a flush raises (a delivery callback ran in the same call)
+LOST = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
 
 
 @pytest.fixture(autouse=True)
@@ -78,16 +86,20 @@ def test_fence_reasons_name_who_took_over_and_what_to_do() -> None:
     assert fatal_reason(FENCED, settings(), "g.h.repartition").count("'g.h.repartition'") == 1
     fences = (FENCED, MEMBER_FENCED, KafkaError(KafkaError.INVALID_PRODUCER_EPOCH))
     assert all(is_fenced(error) and is_fatal(error) for error in fences)
+    assert lost_client_error(LOST) is not None and lost_client_error(SystemError("a bug of ours")) is None
     other = KafkaError(KafkaError._FATAL, "Fatal error: something else", fatal=True)
     assert not is_fenced(other) and "failed for good: Fatal error: something else" in fatal_reason(other, settings())
 
 
-def test_the_first_fatal_reason_is_kept() -> None:
+def test_the_first_fatal_reason_is_kept_unless_a_fence_explains_it() -> None:
     flag = FatalFlag()
-    flag.set("fenced")
+    flag.set("fenced: by b")
     flag.set("delivery failed")  # a consequence of the fence
-    with pytest.raises(FatalPipelineError, match="^fenced$"):
+    flag.set("fenced: by c")
+    with pytest.raises(FatalPipelineError, match="^fenced: by b$"):
         flag.raise_if_set()
+    assert first_cause("Kafka client failed for good: Local: Fatal error", "fenced: by b") == "fenced: by b"
+    assert first_cause("delivery to x failed", "delivery to y failed") == "delivery to x failed"
 
 
 def test_closing_a_fenced_producer_raises_the_operators_sentence_not_a_kafka_error() -> None:
@@ -112,8 +124,10 @@ def test_a_flush_that_times_out_is_logged_not_raised() -> None:
     policy.close(clean=True)
 
 
-def fenced_run(monkeypatch: pytest.MonkeyPatch, pipeline: Pipeline, consumer_error: KafkaError | None) -> None:
-    """Make `pipeline.run()` meet a fence in its loop (a commit refused), with fenced clients to close."""
+def fenced_run(monkeypatch: pytest.MonkeyPatch, pipeline: Pipeline, consumer_error: KafkaError | None,
+               raw: Exception | None = None) -> None:
+    """Make `pipeline.run()` meet a fence in its loop, with fenced clients to close: a commit refused
+    (FatalPipelineError), or a client call raising `raw` itself (producer.poll, produce, a lost error)."""
     def prepare() -> None:
         pipeline.consumer = ClosingConsumer(pipeline, consumer_error)  # type: ignore[assignment]
 
@@ -122,6 +136,8 @@ def fenced_run(monkeypatch: pytest.MonkeyPatch, pipeline: Pipeline, consumer_err
 
     def loop() -> int:
         pipeline.parts[("logs", 0)] = object()  # type: ignore[assignment]  # owned: close's revoke must not commit
+        if raw is not None:
+            raise raw
         raise pipeline.policy._fatal(FENCED)  # noqa: SLF001 - as CommitPolicy.commit raises it
 
     monkeypatch.setattr(pipeline, "_prepare", prepare)
@@ -131,11 +147,14 @@ def fenced_run(monkeypatch: pytest.MonkeyPatch, pipeline: Pipeline, consumer_err
     monkeypatch.setattr(pipeline.policy, "complete_now", lambda deadline: pytest.fail("committed after the fence"))
 
 
-@pytest.mark.parametrize("consumer_error", [None, MEMBER_FENCED], ids=["producer-fenced", "both-fenced"])
+@pytest.mark.parametrize("consumer_error,raw", [
+    (None, None), (MEMBER_FENCED, None), (None, KafkaException(FENCED)), (None, KafkaException(BARE)), (None, LOST),
+], ids=["producer-fenced", "both-fenced", "poll-raises", "produce-raises-bare-fatal", "flush-loses-the-error"])
 def test_a_fenced_run_closes_without_raising_and_exits_2(monkeypatch: pytest.MonkeyPatch,
-                                                         consumer_error: KafkaError | None) -> None:
+                                                         consumer_error: KafkaError | None,
+                                                         raw: Exception | None) -> None:
     pipeline = Pipeline(settings(group_instance_id="pod-1"), NullDetector())
-    fenced_run(monkeypatch, pipeline, consumer_error)
+    fenced_run(monkeypatch, pipeline, consumer_error, raw)
     assert pipeline.run() == 2
     assert pipeline.failure is not None and pipeline.failure.startswith("fenced: another instance started with "
                                                                         "transactional id 'g.pod-1'")
