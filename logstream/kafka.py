@@ -271,20 +271,15 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def assign_at(consumer: Consumer, config: dict[str, Any], partitions: list[TopicPartition],
-              starts: dict[tuple[str, int], int]) -> None:
+def assign_at(consumer: Consumer, partitions: list[TopicPartition], starts: dict[tuple[str, int], int]) -> None:
     """In an `on_assign` callback: take `partitions` on, those named in `starts` at the offset given there
     and the others where the client would start them (their committed offset).
 
-    Assigning in the callback replaces the client's own assignment after it. `config` is the consumer's:
-    an eager strategy (`--kafka-option partition.assignment.strategy=range`) takes `assign`, the
-    cooperative one (logstream's default) `incremental_assign`."""
+    Assigning in the callback replaces the client's own assignment after it: `incremental_assign`, for
+    the consumer's strategy is cooperative-sticky (`consumer_config`; `--kafka-option` cannot change it)."""
     targets = [TopicPartition(tp.topic, tp.partition, starts[(tp.topic, tp.partition)])
                if (tp.topic, tp.partition) in starts else tp for tp in partitions]
-    if "cooperative" in str(config.get("partition.assignment.strategy", "")):
-        consumer.incremental_assign(targets)
-    else:
-        consumer.assign(targets)
+    consumer.incremental_assign(targets)
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:

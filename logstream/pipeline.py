@@ -29,7 +29,6 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -131,7 +130,6 @@ class Pipeline:
         self._last_health_at = 0.0
         self._lag = LagMonitor(self.metrics, self.health, settings.input_topic[0])
         self.consumer: Consumer | None = None
-        self._consumer_config: dict[str, Any] = {}
         self.policy = CommitPolicy(settings, self, {**producer_config(settings), "error_cb": self._on_kafka_error},
                                    self.stop_event)
         self.publisher = Publisher(
@@ -204,8 +202,7 @@ class Pipeline:
         if settings.create_topics:
             ensure_output_topics(settings)
         self.publisher.limits = output_limits(settings)
-        self._consumer_config = {**consumer_config(settings), "error_cb": self._on_kafka_error}
-        self.consumer = kafka_client(Consumer, self._consumer_config)
+        self.consumer = kafka_client(Consumer, {**consumer_config(settings), "error_cb": self._on_kafka_error})
 
     def _start(self) -> None:
         """Start the producer (exactly-once: fence earlier instances; `FatalPipelineError` when that fails for
@@ -318,7 +315,7 @@ class Pipeline:
             if resume.seek is not None:
                 seeks[key] = resume.seek
         if seeks:  # the consumer would fetch the committed offset: assign these at the offsets chosen instead
-            assign_at(consumer, self._consumer_config, partitions, seeks)
+            assign_at(consumer, partitions, seeks)
         if self._paused:
             consumer.pause(partitions)
         self.metrics.assigned_partitions.set(len(self.parts))

@@ -29,7 +29,6 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -102,7 +101,6 @@ class Repartitioner:
         if self.exactly_once:
             config["transactional.id"] = f"{settings.transactional_id}.repartition"
         self.policy = CommitPolicy(settings, self, config, self.stop_event)
-        self._consumer_config: dict[str, Any] = {}
         self.consumer: Consumer
 
     def run(self) -> int:
@@ -114,8 +112,7 @@ class Repartitioner:
         if s.create_topics:
             ensure_topics(s, {self.target: {}})
         self.partitions = len(partitions_of(s, self.target))
-        self._consumer_config = {**consumer_config(s), "error_cb": self._on_kafka_error}
-        self.consumer = kafka_client(Consumer, self._consumer_config)
+        self.consumer = kafka_client(Consumer, {**consumer_config(s), "error_cb": self._on_kafka_error})
         clean = False
         code = 0
         try:
@@ -289,7 +286,7 @@ class Repartitioner:
             # earliest) of an offset beyond the end forwards every record of the new log.
             self.sources[key] = _Source(start, self._epoch)
         if seeks:
-            assign_at(consumer, self._consumer_config, partitions, seeks)
+            assign_at(consumer, partitions, seeks)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions} & set(self.sources)

@@ -49,7 +49,9 @@ STATE_TOPIC_SUFFIX = ".logstream-state"
 # producer_config): a --kafka-option naming one is refused, with what to use instead. Overriding
 # them would break what the README promises (offsets committed only by cuts, the group the logs
 # name, transactions, fencing). Every other key is passed through (security.*, ssl.*, sasl.*,
-# linger.ms, compression.type, topic.metadata.refresh.interval.ms, reconnect backoff, ...);
+# linger.ms, compression.type, topic.metadata.refresh.interval.ms, reconnect backoff, ...), and
+# auto.offset.reset: a new group reads from the earliest record by default, `latest` skips the
+# history (those lines are never judged: the operator's choice, e.g. a topic with a year retained);
 # tests/unit/test_settings_validation.py checks this list against the configurations kafka.py builds.
 MANAGED_KAFKA_OPTIONS: dict[str, str] = {
     "bootstrap.servers": "use --bootstrap-servers",
@@ -60,7 +62,6 @@ MANAGED_KAFKA_OPTIONS: dict[str, str] = {
     "max.poll.interval.ms": "use --max-poll-interval-ms",
     "enable.auto.commit": "logstream commits offsets itself, only once the outputs below them are delivered",
     "enable.auto.offset.store": "logstream commits offsets itself, only once the outputs below them are delivered",
-    "auto.offset.reset": "a partition without a commit is read from its first record, so no line goes unjudged",
     "enable.partition.eof": "--once and replays rely on end-of-partition events",
     "isolation.level": "read_committed keeps aborted transactions' records out (exactly-once chains)",
     "partition.assignment.strategy": "the rebalance handling is written for cooperative-sticky",

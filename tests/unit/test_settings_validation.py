@@ -24,6 +24,7 @@ from trainer.cli import main as train_main
 TUNABLE_KAFKA_OPTIONS = {
     "log.connection.close", "reconnect.backoff.ms", "reconnect.backoff.max.ms", "topic.metadata.refresh.interval.ms",
     "linger.ms", "compression.type", "transaction.timeout.ms", "message.timeout.ms",
+    "auto.offset.reset",  # where a new group starts: earliest by default, latest to skip the history
 }
 
 
