@@ -195,7 +195,7 @@ def dead_letter(message: Message) -> dict[str, Any]:
 
     def number(name: str) -> int | None:
         raw = headers.get(name)
-        return int(raw) if raw and raw.isdecimal() else None  # isdigit would let "²" through to int()
+        return int(raw) if raw and raw.isdigit() else None  # bytes: isdigit is ASCII digits only
 
     try:
         original: str | None = value.decode("utf-8")
