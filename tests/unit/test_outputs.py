@@ -8,12 +8,15 @@ from pathlib import Path
 import jsonschema
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from logstream.alerts import MAX_LINE_CHARS, OutputTooLarge, build_alert, encode_alert
 from logstream.checkpoint import PartitionCut, parse_metadata
 from logstream.detectors.novelty import NoveltyDetector
+from logstream.detectors.null import NullDetector
 from logstream.outputs import fit
 from logstream.records import LogLine, Verdict, Window
+from logstream.settings import Settings
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "logstream/schemas/alert.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
@@ -100,3 +103,11 @@ def test_metadata_points_at_every_record_of_a_split_snapshot() -> None:
     inline = PartitionCut(10, 20, 3, {"cuts": [15]})
     assert parse_metadata(10, inline.metadata()).snapshot == {"cuts": [15]}
     assert parse_metadata(10, "not ours").state_refs == ()
+
+
+def test_null_detector_says_it_ignores_a_model(tmp_path: Path) -> None:
+    """`--detector null --model X`: the model is not read; the log says so rather than judging silently."""
+    with capture_logs() as logs:
+        NullDetector.from_settings(Settings(detector="null", model=tmp_path / "model.json"))
+        NullDetector.from_settings(Settings(detector="null"))
+    assert [entry["event"] for entry in logs] == ["model_ignored"]
