@@ -49,7 +49,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from logstream.errors import FatalPipelineError
 from logstream.fingerprint import WindowFingerprint
-from logstream.kafka import KAFKA_CALL_TIMEOUT_S, fatal_reason, is_fatal, kafka_client, lost_client_error, read_record
+from logstream.kafka import KAFKA_CALL_TIMEOUT_S, fatal_reason, is_fatal, kafka_client, read_record, stop_reason
 from logstream.logs import get_logger
 from logstream.settings import Settings
 
@@ -279,9 +279,14 @@ class CommitPolicy:
         """The producer's transactional id (None: at-least-once)."""
         return self._producer_config.get("transactional.id")
 
+    def fatal_reason(self, error: KafkaError) -> str:
+        """The operator's line for a fatal error of this loop's clients (`kafka.fatal_reason`, with the
+        producer's transactional id: a fence names who took over)."""
+        return fatal_reason(error, self.settings, self.transactional_id)
+
     def _fatal(self, error: KafkaError) -> FatalPipelineError:
-        """The error that stops the process for a fatal producer error (a fence names who took over)."""
-        return FatalPipelineError(fatal_reason(error, self.settings, self.transactional_id))
+        """The error that stops the process for a fatal producer error."""
+        return FatalPipelineError(self.fatal_reason(error))
 
     def _new_producer(self) -> Producer:
         producer = kafka_client(Producer, self._producer_config)
@@ -462,23 +467,19 @@ def close_clients(policy: CommitPolicy, consumer: Consumer | None, clean: bool) 
     problem: str | None = None
     try:
         policy.close(clean)
-    except FatalPipelineError as exc:
-        problem = str(exc)
-    except SystemError as exc:  # confluent-kafka lost a fatal error in flush (`kafka.lost_client_error`)
-        if (problem := lost_client_error(exc)) is None:
+    except (FatalPipelineError, SystemError) as exc:  # SystemError: a fatal error lost in flush
+        if (problem := stop_reason(exc, policy.fatal_reason)) is None:
             raise
     if consumer is None:
         return problem
     try:
         consumer.close()
-    except FatalPipelineError as exc:  # raised by a rebalance callback that close ran
-        problem = problem or str(exc)
-    except KafkaException as exc:
-        error: KafkaError = exc.args[0]
-        if is_fatal(error):
-            problem = problem or fatal_reason(error, policy.settings, policy.transactional_id)
+    except (FatalPipelineError, KafkaException) as exc:  # FatalPipelineError: from a rebalance callback close ran
+        reason = stop_reason(exc, policy.fatal_reason)
+        if reason is None:
+            log.warning("consumer_close_failed", error=str(exc.args[0]))
         else:
-            log.warning("consumer_close_failed", error=str(error))
+            problem = problem or reason
     return problem
 
 

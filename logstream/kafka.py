@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from logstream.errors import FENCED_PREFIX, KafkaSetupError
+from logstream.errors import FENCED_PREFIX, FatalPipelineError, KafkaSetupError
 from logstream.logs import get_logger, kafka_client_logger
 from logstream.settings import Settings
 
@@ -95,11 +95,20 @@ def _fence_texts(codes: tuple[int, ...]) -> tuple[str, ...]:
 _PRODUCER_FENCE_TEXTS, _MEMBER_FENCE_TEXTS = _fence_texts(_PRODUCER_FENCES), _fence_texts(_MEMBER_FENCES)
 
 
+def _fence_kind(error: KafkaError) -> str | None:
+    """"producer" when another instance took this one's transactional id, "member" when it took its
+    static member id, None when `error` is no fence."""
+    code, text = error.code(), error.str()
+    if code in _PRODUCER_FENCES or any(known in text for known in _PRODUCER_FENCE_TEXTS):
+        return "producer"
+    if code in _MEMBER_FENCES or any(known in text for known in _MEMBER_FENCE_TEXTS):
+        return "member"
+    return None
+
+
 def is_fenced(error: KafkaError) -> bool:
     """Whether `error` says another instance took over this one's transactional id or static member id."""
-    text = error.str()
-    return (error.code() in _PRODUCER_FENCES + _MEMBER_FENCES
-            or any(known in text for known in _PRODUCER_FENCE_TEXTS + _MEMBER_FENCE_TEXTS))
+    return _fence_kind(error) is not None
 
 
 def is_fatal(error: KafkaError) -> bool:
@@ -121,6 +130,23 @@ def lost_client_error(exc: SystemError) -> str | None:
     return f"Kafka client failed for good, without saying why ({exc})"
 
 
+def stop_reason(exc: Exception, reason_of: Callable[[KafkaError], str]) -> str | None:
+    """The one line to stop with when `exc` means this instance can do nothing more, else None.
+
+    `FatalPipelineError`: its message; a `KafkaException` whose error is fatal (`is_fatal`: a client call
+    raising it itself, e.g. producer.poll or produce): `reason_of(error)`; a `SystemError` from a lost
+    client error (`lost_client_error`): that. Any other exception, or a Kafka error that is not fatal:
+    None (the caller re-raises or logs it)."""
+    if isinstance(exc, FatalPipelineError):
+        return str(exc)
+    if isinstance(exc, KafkaException):
+        error: KafkaError = exc.args[0]
+        return reason_of(error) if is_fatal(error) else None
+    if isinstance(exc, SystemError):
+        return lost_client_error(exc)
+    return None
+
+
 def fatal_reason(error: KafkaError, settings: Settings, transactional_id: str | None = None) -> str:
     """The one line an operator reads when a Kafka client of this instance stops for good.
 
@@ -128,19 +154,19 @@ def fatal_reason(error: KafkaError, settings: Settings, transactional_id: str | 
     do; any other fatal error is librdkafka's text. `transactional_id` is the producer's when it is not
     the consumer's default (`repartition` has its own).
     """
-    text = error.str()
-    if error.code() in _PRODUCER_FENCES or any(known in text for known in _PRODUCER_FENCE_TEXTS):
+    kind = _fence_kind(error)
+    if kind == "producer":
         tid = transactional_id or settings.transactional_id
         return (f"{FENCED_PREFIX}another instance started with transactional id {tid!r} ({_identity(settings)}) "
                 "and took over; this one stops without committing more. If that was not this replica restarting, "
                 "give each replica its own --group-instance-id")
-    if error.code() in _MEMBER_FENCES or any(known in text for known in _MEMBER_FENCE_TEXTS):
+    if kind == "member":
         given = "--group-instance-id" if settings.group_instance_id else (
             "the host name: without --group-instance-id, exactly-once uses it")
         return (f"{FENCED_PREFIX}another member joined group {settings.group_id!r} with the same group.instance.id "
                 f"{settings.static_member_id!r} ({given}) and took over; this one stops. If that was not this "
                 "replica restarting, give each replica its own --group-instance-id")
-    return f"Kafka client failed for good: {text} ({error.name()})"
+    return f"Kafka client failed for good: {error.str()} ({error.name()})"
 
 
 def _identity(settings: Settings) -> str:

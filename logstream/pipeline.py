@@ -58,9 +58,9 @@ from logstream.kafka import (
     fatal_reason,
     is_fatal,
     kafka_client,
-    lost_client_error,
     producer_config,
     require_topics,
+    stop_reason,
     wait_for_broker,
 )
 from logstream.lag import LagMonitor
@@ -171,16 +171,10 @@ class Pipeline:
         try:
             self._start()
             code = self._loop()
-        except FatalPipelineError as exc:
-            code = self._fail(str(exc))
-        except KafkaException as exc:  # a client call raising its fatal error itself (producer.poll, produce)
-            if not is_fatal(exc.args[0]):
+        except (FatalPipelineError, KafkaException, SystemError) as exc:  # `kafka.stop_reason`
+            if (reason := stop_reason(exc, self.policy.fatal_reason)) is None:
                 raise
-            code = self._fail(fatal_reason(exc.args[0], self.settings))
-        except SystemError as exc:  # the same, when confluent-kafka lost the error (lost_client_error)
-            if (lost := lost_client_error(exc)) is None:
-                raise
-            code = self._fail(lost)
+            code = self._fail(reason)
         finally:
             gc.set_threshold(*thresholds)
             problem = self._close(clean=code == 0)

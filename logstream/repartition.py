@@ -41,13 +41,12 @@ from logstream.kafka import (
     base_config,
     consumer_config,
     ensure_topics,
-    fatal_reason,
     is_fatal,
     kafka_client,
-    lost_client_error,
     partitions_of,
     producer_config,
     require_topics,
+    stop_reason,
     wait_for_broker,
 )
 from logstream.logs import LogThrottle, get_logger
@@ -132,16 +131,10 @@ class Repartitioner:
                     break
             self.policy.complete_now(math.inf if s.once else time.monotonic() + s.shutdown_timeout_s)
             clean = True
-        except FatalPipelineError as exc:
-            code = self._fail(str(exc))
-        except KafkaException as exc:  # a client call raising its fatal error itself (producer.poll, produce)
-            if not is_fatal(exc.args[0]):
+        except (FatalPipelineError, KafkaException, SystemError) as exc:  # `kafka.stop_reason`
+            if (reason := stop_reason(exc, self.policy.fatal_reason)) is None:
                 raise
-            code = self._fail(self._reason(exc.args[0]))
-        except SystemError as exc:  # the same, when confluent-kafka lost the error (lost_client_error)
-            if (lost := lost_client_error(exc)) is None:
-                raise
-            code = self._fail(lost)
+            code = self._fail(reason)
         finally:
             problem = self._close(clean)
         if problem is not None:
@@ -165,14 +158,11 @@ class Repartitioner:
         self._committing = self._committing and clean
         return close_clients(self.policy, self.consumer, clean)
 
-    def _reason(self, error: KafkaError) -> str:
-        return fatal_reason(error, self.settings, self.policy.transactional_id)
-
     def _on_kafka_error(self, error: KafkaError) -> None:
         """The consumer's error callback: a fatal error (a newer member took the static id) stops the loop;
         others are logged, at most one per error name every 10 s."""
         if is_fatal(error):
-            self._fatal.set(self._reason(error))
+            self._fatal.set(self.policy.fatal_reason(error))
         suppressed = self._error_log.allow(error.name(), time.monotonic())
         if suppressed is not None:
             log.warning("kafka_error", error=str(error), code=error.name(), suppressed_since_last=suppressed)
@@ -185,7 +175,7 @@ class Repartitioner:
                 if error.code() == KafkaError._PARTITION_EOF:
                     self._at_end.add(tp)
                 elif is_fatal(error):
-                    self._fatal.set(self._reason(error))
+                    self._fatal.set(self.policy.fatal_reason(error))
                 else:
                     log.warning("consume_error", error=str(error))
                 continue
@@ -223,7 +213,7 @@ class Repartitioner:
     def _delivered(self, tp: TP, epoch: int, seq: int, error: KafkaError | None, _message: Message) -> None:
         if error is not None:
             if is_fatal(error):
-                self._fatal.set(self._reason(error))
+                self._fatal.set(self.policy.fatal_reason(error))
             elif not (self.exactly_once and error.code() == KafkaError._PURGE_QUEUE):
                 self._fatal.set(f"delivery to {self.target} failed: {error}")
             return
