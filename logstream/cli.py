@@ -20,9 +20,9 @@ from pydantic_settings import SettingsError
 
 from logstream import __version__
 from logstream.argparsing import DefaultsHelpFormatter, OneLineErrorParser, unreadable_file
-from logstream.cliargs import add_settings_arguments, settings_from, settings_problem, warn_unknown_environment
+from logstream.cliargs import add_settings_arguments, settings_from, settings_problem, start_logging
 from logstream.errors import KafkaSetupError
-from logstream.logs import configure_logging, get_logger
+from logstream.logs import get_logger
 from logstream.settings import Settings, kafka_name_problem
 
 log = get_logger("logstream.cli")
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from logstream.pipeline import Pipeline
 
     settings = settings_from(args)
-    _start_logging(settings.log_level)
+    start_logging(settings.log_level)
     if not settings.input_topic:
         print("logstream run: at least one --input-topic is required", file=sys.stderr)
         return 2
@@ -78,12 +78,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def _start_logging(level: str) -> None:
-    """Every command's first log set-up: JSON logs at `level`, then a warning per unknown LOGSTREAM_* variable."""
-    configure_logging(level)
-    warn_unknown_environment()
-
-
 def _connect_timeout(args: argparse.Namespace) -> float:
     """--connect-timeout-s, else LOGSTREAM_CONNECT_TIMEOUT_S, else the Settings default."""
     given = getattr(args, "connect_timeout_s", None)
@@ -109,7 +103,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from logstream.basemodels import CacheDirError, writable_cache_dir
     from logstream.broker import EmbeddedBroker
 
-    _start_logging("INFO")
+    start_logging("INFO")
     try:
         data_dir = writable_cache_dir(args.data_dir or (Settings().cache_dir / "broker"))
     except CacheDirError as exc:
@@ -133,7 +127,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from logstream.kafka import client_config, wait_for_broker
     from logstream.producer import produce_file
 
-    _start_logging("INFO")
+    start_logging("INFO")
     if (problem := unreadable_file(args.file)) is not None:
         print(f"logstream produce: --file {problem}", file=sys.stderr)
         return 2
@@ -158,7 +152,7 @@ def _tail(args: argparse.Namespace, command: str, noun: str, tail: Callable[...,
     one line and exit 2."""
     from logstream.tail import WrongTopic
 
-    _start_logging("WARNING")
+    start_logging("WARNING")
     if (problem := kafka_name_problem(args.topic)) is not None:
         print(f"logstream {command}: --topic {args.topic!r} {problem}", file=sys.stderr)
         return 2
@@ -193,7 +187,7 @@ def cmd_novelty_fit(args: argparse.Namespace) -> int:
     from logstream.files import iter_log_lines
     from logstream.parsing import LineParser
 
-    _start_logging("INFO")
+    start_logging("INFO")
     for path in args.input:
         if (problem := unreadable_file(path)) is not None:
             print(f"logstream novelty fit: --input {problem}", file=sys.stderr)
@@ -231,7 +225,7 @@ def cmd_repartition(args: argparse.Namespace) -> int:
     from logstream.repartition import Repartitioner
 
     settings = settings_from(args)
-    _start_logging(settings.log_level)
+    start_logging(settings.log_level)
     if (problem := settings.repartition_problem()) is not None:
         print(f"logstream repartition: {problem}", file=sys.stderr)
         return 2
@@ -249,7 +243,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     from logstream.basemodels import BaseModelError, resolve_embedder, resolve_llm
 
     settings = settings_from(args)
-    _start_logging(settings.log_level)
+    start_logging(settings.log_level)
     try:
         bases = {"encoder": resolve_embedder(settings.embedder, settings.cache_dir),
                  "LLM": resolve_llm(settings.llm, settings.cache_dir)}

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 
-from logstream.logs import get_logger
+from logstream.logs import configure_logging, get_logger
 from logstream.settings import Settings, unknown_environment
 
 _log = get_logger("logstream.settings")
@@ -112,6 +112,13 @@ def settings_problem(exc: ValidationError | SettingsError) -> str:
         known = field in Settings.model_fields
         parts.append(f"{field} ({_flag(field)}, {env_name(field)}): {message}" if known else message)
     return "; ".join(parts)
+
+
+def start_logging(level: str) -> None:
+    """Every command's first log set-up (`logstream`, `logstream-train`, the demo): JSON logs at `level`,
+    then a warning per unknown LOGSTREAM_* variable (`warn_unknown_environment`)."""
+    configure_logging(level)
+    warn_unknown_environment()
 
 
 def warn_unknown_environment(environ: Mapping[str, str] | None = None) -> None:

@@ -22,10 +22,9 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from logstream.broker import EmbeddedBroker
-from logstream.cliargs import warn_unknown_environment
+from logstream.cliargs import start_logging
 from logstream.files import read_block_labels
 from logstream.kafka import client_config
-from logstream.logs import configure_logging
 from logstream.parsing import block_ids
 from logstream.pipeline import Pipeline
 from logstream.producer import create_topic, produce_file
@@ -176,8 +175,7 @@ def run_demo(detector: str = "logllm", model: Path | None = None, lines: int | N
     that stay open up to a day of quiet, so the HDFS demo streams the sample, then runs the consumer
     as `logstream run --once` does: to the end of the topic, every session closed and judged.
     """
-    configure_logging("WARNING")
-    warn_unknown_environment()  # the demo's settings read LOGSTREAM_* variables too
+    start_logging("WARNING")  # the demo's settings read LOGSTREAM_* variables too
     if dataset not in DATASETS:
         print(f"logstream demo: unknown dataset {dataset!r}; choose {', '.join(DATASETS)}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from logstream.detectors.base import Detector, DetectorNotReady
-from logstream.logs import configure_logging, get_logger
+from logstream.logs import get_logger
 from logstream.settings import Settings
 from logstream.windows import window_options
 from trainer.baselines import CountVectorDetector, TfidfDetector, fit_novelty
@@ -304,14 +304,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings, warn_unknown_environment
+    from logstream.cliargs import command_settings, start_logging
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "evaluate")
     if settings is None:
         return 2
-    configure_logging(settings.log_level)
-    warn_unknown_environment()
+    start_logging(settings.log_level)
     detector: Detector | None = None
     compared: dict[str, Detector] = {}
     try:

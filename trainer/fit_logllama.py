@@ -53,7 +53,7 @@ from logstream.logllama import (
     save_artifact,
     window_chunks,
 )
-from logstream.logs import configure_logging, get_logger
+from logstream.logs import get_logger
 from logstream.settings import Settings
 from trainer import rl
 from trainer.data import DATASETS, HDFS_SESSION_GAP_S, Split, load_split
@@ -704,14 +704,13 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings, warn_unknown_environment
+    from logstream.cliargs import command_settings, start_logging
 
     started = time.perf_counter()
     settings = command_settings(args, SETTINGS_FLAGS, "fit-logllama")
     if settings is None:
         return 2
-    configure_logging(settings.log_level)
-    warn_unknown_environment()
+    start_logging(settings.log_level)
     try:
         summary = fit(args, settings)
     except (FitError, ArtifactError, KeysError, ValueError, OSError) as exc:

@@ -929,7 +929,7 @@ def evaluate_run(args: argparse.Namespace, settings: Settings, trainer: Trainer,
 
 
 def run(args: argparse.Namespace) -> int:
-    from logstream.cliargs import command_settings, warn_unknown_environment
+    from logstream.cliargs import command_settings, start_logging
     from logstream.detectors.base import DetectorNotReady
 
     started = time.perf_counter()
@@ -941,9 +941,10 @@ def run(args: argparse.Namespace) -> int:
     except WorldError as exc:
         print(f"logstream-train fit: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level if world.main else "WARNING")  # rank 0 tells the story
-    if world.main:
-        warn_unknown_environment()
+    if world.main:  # rank 0 tells the story
+        start_logging(settings.log_level)
+    else:
+        configure_logging("WARNING")
     try:
         summary = fit(args, settings, world)
     except (RunError, ArtifactError, BaseModelError, DetectorNotReady, ValueError, OSError, WorldError) as exc:
