@@ -5,9 +5,9 @@ template, event time, label, block ids) here and nowhere else. Records that cann
 `BadRecord` with a short machine-readable reason; the caller routes them to the dead-letter topic.
 Masking and block ids: `logstream.masking`.
 
-A consume batch of a fixed-header format goes through `logstream.arrowparse` first (Arrow kernels
-over the whole batch); what it leaves (and every generic line) is parsed here line by line, the
-reference the vectorized path is tested against.
+A consume batch of a fixed-header format goes through `logstream.batchparse` first (one compiled
+pass over the batch's bytes); what it leaves (and every generic line) is parsed here line by line,
+the reference the batch path is tested against.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from logstream.arrowparse import ArrowBatchParser, vector_formats
 from logstream.logs import get_logger
 from logstream.masking import BLOCK_ID, MASK, block_ids, mask
 from logstream.records import LogLine, TimeSource
 from logstream.timestamps import leading_timestamp
+
+if TYPE_CHECKING:
+    from logstream.batchparse import BatchParser
 
 log = get_logger(__name__)
 
@@ -237,6 +239,16 @@ def _new_lines(count: int, columns: Sequence[Iterable[Any]]) -> list[LogLine]:
 
 _tuple_new = tuple.__new__
 
+
+def _batch_parser(fmt: str, max_line_bytes: int) -> BatchParser | None:
+    """The batch path of a fixed-header format (None for the generic one). Imported here, not at the top:
+    numba and its compiled loop load only where a fixed-header format is parsed."""
+    if fmt not in _FIELDS:
+        return None
+    from logstream.batchparse import BatchParser  # noqa: PLC0415 - see the docstring
+
+    return BatchParser(fmt, max_line_bytes)
+
 TEMPLATE_CACHE_ENTRIES = 16_384
 VECTOR_MIN_RECORDS = 32  # batches of fewer records are parsed line by line (`LineParser.parse_batch`)
 TEMPLATE_CACHE_MAX_CHARS = 512
@@ -263,7 +275,7 @@ class LineParser:
         self.vector_min = vector_min  # smaller batches: per line (a kernel call has a fixed cost)
         parser_for(fmt)  # refuses an unknown format with the list of known ones
         self._fields = _FIELDS.get(fmt)
-        self._vector = ArrowBatchParser(fmt, max_line_bytes) if fmt in vector_formats() else None
+        self._vector = _batch_parser(fmt, max_line_bytes)
         self._templates: dict[str, str] = {}
         self._last_times: dict[tuple[str, int], float] = {}
         self._reference = time.time()  # dates year-less stamps of records without a time (files)
@@ -305,7 +317,7 @@ class LineParser:
         The same result, record for record, as `parse` on each in order (a `BadRecord` in the
         record's place instead of raised, state such as a generic line's inherited time carried
         across the batch). A batch of a fixed-header format of at least `vector_min` records goes
-        through `arrowparse.ArrowBatchParser` (Arrow kernels over the whole batch); the records it
+        through `batchparse.BatchParser` (one compiled pass over the batch); the records it
         leaves, and every other batch, take the per-line steps of `parse` in one loop. `values`,
         `offsets` and `record_times` (seconds, 0 for none) are parallel sequences. Raises ValueError
         when their lengths differ.

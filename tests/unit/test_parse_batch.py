@@ -5,7 +5,7 @@ generic text) and over generated records, good and bad (empty, too large, undeco
 characters, byte-order marks, line endings, broken headers, non-ASCII digits), split into consume
 batches of uneven sizes: the same fields, templates, block ids, event times and time sources, and
 the same dead-letter reason and detail in the place of each bad record. Batches of the fixed-header
-formats go through the vectorized path (`logstream.arrowparse`); generated records built to sit on
+formats go through the batch path (`logstream.batchparse`); generated records built to sit on
 either side of its plain shapes check its edges.
 """
 
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logstream.arrowparse import ArrowBatchParser, _Tokens
+from logstream.batchparse import BatchParser
 from logstream.masking import block_ids, mask
 from logstream.parsing import BadRecord, LineParser
 from logstream.records import LogLine
@@ -113,7 +112,7 @@ def test_generated_records_good_and_bad(fmt: str, values: list[bytes | None], si
     times = times + times
     expected = one_by_one(LineParser(fmt, max_bytes), values, times)
     assert batched(LineParser(fmt, max_bytes), values, times, sizes) == expected
-    # every batch through the vectorized path (arrowparse), whatever its size
+    # every batch through the batch path (batchparse), whatever its size
     assert batched(LineParser(fmt, max_bytes, vector_min=1), values, times, sizes) == expected
 
 
@@ -122,7 +121,7 @@ def test_lengths_must_agree() -> None:
         LineParser("bgl").parse_batch([b"a", b"b"], topic="t", partition=0, offsets=[0], record_times=[0.0, 0.0])
 
 
-# --- the vectorized path (logstream.arrowparse) ------------------------------------------------------
+# --- the batch path (logstream.batchparse) ----------------------------------------------------------
 
 DIGITS = st.text("0123456789", min_size=1, max_size=17)
 FIELD = st.sampled_from(["R02", "RAS", "KERNEL", "INFO", "-", "APPERR", "x.y", "a:b", "dfs.DataNode$X",
@@ -155,9 +154,9 @@ HDFS_LIKE = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(st.data(), st.sampled_from(["bgl", "thunderbird", "liberty", "hdfs"]), st.sampled_from([64, 1_048_576]))
-def test_vectorized_path_on_near_misses(data: st.DataObject, fmt: str, max_bytes: int) -> None:
+def test_batch_path_on_near_misses(data: st.DataObject, fmt: str, max_bytes: int) -> None:
     """Records built to sit on either side of the plain shapes (spacing, digits, dates, micros, months,
-    hex runs, repeated block ids, inner and trailing line breaks): the vectorized batch gives what
+    hex runs, repeated block ids, inner and trailing line breaks): the batch path gives what
     `parse` gives."""
     values: list[bytes | None] = data.draw(st.lists(HDFS_LIKE if fmt == "hdfs" else BGL_LIKE, min_size=1,
                                                     max_size=40))
@@ -172,17 +171,21 @@ SPACED = st.lists(st.sampled_from(PLAIN_TOKENS + ["", "", "deadbeefa", "DeadBeef
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(SPACED, min_size=1, max_size=30))
-def test_kernel_masking_is_mask(contents: list[str]) -> None:
-    """The kernels' template of a plain content (its only whitespace is the space) is `masking.mask`'s,
-    token by token: runs of spaces, leading and trailing ones, hex runs of 7-9 letters."""
-    assert _Tokens(pa.array(contents, pa.string())).templates() == [mask(content) for content in contents]
+def test_batch_masking_is_mask(contents: list[str]) -> None:
+    """The batch path's template of a plain content (its only whitespace is the space) is `masking.mask`'s,
+    token by token: runs of spaces, leading and trailing ones, empty contents, hex runs of 7-9 letters
+    (HDFS content starts right after one space, so leading spaces are part of it)."""
+    values: list[bytes | None] = [f"081109 203615 148 INFO dfs.X: {content}".encode() for content in contents]
+    plain = BatchParser("hdfs", 1_048_576).parse(values)
+    assert plain.rows == list(range(len(contents)))
+    assert plain.templates == [mask(content) for content in contents]
 
 
 @pytest.mark.parametrize("fmt", ["bgl", "thunderbird", "hdfs"])
 def test_tabs_and_inner_breaks_take_the_reference_path(fmt: str) -> None:
     """A plain record is printable ASCII: a tab or an inner line break sends the record to the per-line
     parser (which splits BGL headers at tabs too, and masks tab-separated tokens), its neighbours stay
-    on the kernels."""
+    on the batch path."""
     header = "081109 203615 148 INFO dfs.X: " if fmt == "hdfs" else "- 1117838570 2005.06.03 R02 x y z w v "
     if fmt == "thunderbird":
         header = "- 1131566461 2005.11.09 tbird-admin1 Nov 10 00:01:01 local@tbird-admin1 "
@@ -190,14 +193,14 @@ def test_tabs_and_inner_breaks_take_the_reference_path(fmt: str) -> None:
     values: list[bytes | None] = [(header + content).encode() for content in contents]
     if fmt != "hdfs":
         values.append(header.replace(" ", "\t", 2).encode() + b"tabbed header 7")
-    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    plain = BatchParser(fmt, 1_048_576).parse(values)
     assert plain.rows == [0, 4]
     times = record_times_for(len(values))
     expected = one_by_one(LineParser(fmt), values, times)
     assert batched(LineParser(fmt, vector_min=1), values, times, [len(values)]) == expected
 
 
-def test_hardening_inputs_through_the_vectorized_path() -> None:
+def test_hardening_inputs_through_the_batch_path() -> None:
     values: list[bytes | None] = [line.encode() for line in CLOCK_AHEAD_HDFS]
     times = record_times_for(len(values))
     expected = one_by_one(LineParser("hdfs"), values, times)
@@ -206,13 +209,13 @@ def test_hardening_inputs_through_the_vectorized_path() -> None:
 
 @pytest.mark.parametrize("name,fmt", [("BGL/BGL_train_sample.log", "bgl"), ("HDFS/HDFS_train_sample.log", "hdfs"),
                                       ("Thunderbird/Thunderbird_2k.log", "thunderbird")])
-def test_most_real_lines_take_the_vectorized_path(name: str, fmt: str) -> None:
-    """The shared samples are nearly all plain records: the kernels parse them, not the per-line fallback."""
+def test_most_real_lines_take_the_batch_path(name: str, fmt: str) -> None:
+    """The shared samples are nearly all plain records: the batch path parses them, not the per-line fallback."""
     path = SHARED_DATA / name
     if not path.is_file():
         pytest.skip(f"{path} not present")
     values: list[bytes | None] = list(path.read_bytes().splitlines()[:20_000])
-    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    plain = BatchParser(fmt, 1_048_576).parse(values)
     assert len(plain.rows) >= 0.99 * len(values)
 
 
@@ -225,7 +228,7 @@ EDIT = st.sampled_from([b"", b" ", b"  ", b"\t", b"\n", b"\r", b"\xc3\xa9", b"\x
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["hdfs", "bgl"]), st.lists(st.tuples(st.integers(0, 399), st.integers(0, 200),
                                                             st.integers(0, 3), EDIT), min_size=1, max_size=40))
-def test_vectorized_path_on_edited_real_lines(fmt: str, edits: list[tuple[int, int, int, bytes]]) -> None:
+def test_batch_path_on_edited_real_lines(fmt: str, edits: list[tuple[int, int, int, bytes]]) -> None:
     """Real lines with one edit each (a few bytes replaced by a space, a digit, a colon, a non-ASCII or
     control character, a block id, a hex run...): most stay plain, some just stop being so."""
     lines = SAMPLE_LINES[fmt]
@@ -252,7 +255,7 @@ def test_block_ids_from_tokens(fmt: str) -> None:
         values.append(b"081109 203615 148 INFO blk_8: blk_1 blk_8")
     else:
         values.append(b"- 1117838570 2005.06.03 blk_9 x y z w v Receiving blk_1")
-    plain = ArrowBatchParser(fmt, 1_048_576).parse(values)
+    plain = BatchParser(fmt, 1_048_576).parse(values)
     assert plain.rows == list(range(len(values)))
     assert plain.blocks == [block_ids(value.decode()) for value in values if value is not None]
     assert plain.blocks[1] == ("blk_1", "blk_-2", "blk_3") and plain.blocks[2] == ("blk_5", "blk_4")

@@ -1,0 +1,410 @@
+"""A consume batch of a fixed-header format parsed in one compiled pass over its bytes.
+
+`LineParser.parse_batch` hands the records of a fixed-header format (HDFS, BGL, Thunderbird,
+Liberty) here first. The batch is laid out as one Arrow binary array (one buffer of bytes and the
+records' offsets into it) and a loop compiled by numba (LLVM machine code, cached on disk after the
+first build) reads each record once, byte by byte, and decides whether it is *plain*: printable
+ASCII (no tab, no inner line break, no control character) once the line terminators at the end are
+trimmed, no larger than the record size limit, with the format's exact header shape. For a plain
+record every step of the per-line parser (`logstream.parsing`) is a fixed function of its bytes,
+and the loop computes it in the same pass:
+
+- decoding is the identity (ASCII) less the line terminators at the end, and no check of
+  `decode_record` can fail;
+- the header splits at the same places: runs of spaces for the labelled formats (`str.split()`,
+  which on printable ASCII splits at spaces only), single spaces for HDFS (`parse_hdfs`'s pattern);
+- the event time is the same IEEE arithmetic: a timestamp of at most 15 digits is an exact double
+  (`float(stamp)`), BGL adds `int(micros) / 1e6`, HDFS sums whole seconds from the
+  `calendar.timegm` formula (a table of month starts, made by `calendar.timegm` itself);
+- the template is the content with every space-separated token that holds a digit or `/`, or is
+  all of it 8 or more hex letters, replaced by `<*>` (`masking.mask`), the spaces kept as they
+  were (a run of spaces is empty tokens between single spaces);
+- block ids are `masking.BLOCK_ID` (`blk_`, an optional `-`, digits) found left to right over the
+  whole line, without overlap, as `re.findall` finds them; repeats are dropped here in Python.
+
+Every other record (non-ASCII text, control characters, a tab, odd spacing in a header, a broken
+header, an empty content where the format needs one, too large, empty, no value) is left to the
+per-line parser, which stays the reference: the differential tests (`tests/unit/test_parse_batch.py`)
+compare both on every shared sample line and on generated good and bad records.
+
+The strings handed back (raw line, template, block ids) are made from the loop's output buffers by
+Arrow (`to_pylist`), one C loop per column.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from numba import njit
+
+_SPACE, _DOT, _SLASH, _COLON, _DASH = 32, 46, 47, 58, 45
+_STAMP_DIGITS = 15  # the timestamp field: 1-15 digits (every such integer is exact in a double)
+
+# Days from the epoch to the first of each month of 2000-2099 (HDFS years are 2000 + yy).
+_MONTH_DAYS = np.array([calendar.timegm((2000 + year, month, 1, 0, 0, 0)) // 86_400
+                        for year in range(100) for month in range(1, 13)], np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    fields: int  # header fields before the content
+    labelled: bool  # BGL, Thunderbird, Liberty: label, timestamp, date, ... split at runs of spaces;
+    # HDFS: date, time, pid, level, component, split at single spaces
+    micros: bool  # BGL: the Time field (the fifth) adds its six digits after the last dot
+
+
+_LAYOUTS = {
+    "bgl": _Layout(9, True, True),
+    "thunderbird": _Layout(8, True, False),
+    "liberty": _Layout(8, True, False),
+    "hdfs": _Layout(5, False, False),
+}
+
+
+@dataclass(slots=True)
+class PlainLines:
+    """The plain records of a batch, parsed: `rows` are their indices in the batch (ascending); the
+    other lists are parallel to `rows` (raw text, template, event time in epoch seconds, label or
+    None, block ids in first-occurrence order)."""
+
+    rows: list[int]
+    raw: list[str]
+    templates: list[str]
+    event_times: list[float]
+    labels: list[bool | None]
+    blocks: list[tuple[str, ...]]
+
+
+def vector_formats() -> frozenset[str]:
+    """The formats `BatchParser` reads (the generic format keeps per-line state: not here)."""
+    return frozenset(_LAYOUTS)
+
+
+class BatchParser:
+    """Parses the plain records of a batch of one fixed-header format in one compiled pass.
+
+    Stateless between batches; `max_line_bytes` is the record size limit of `decode_record`.
+    Raises ValueError for a format it does not read (see `vector_formats`). Building the first one
+    in a process compiles the loop (about 2 s) or loads it from numba's on-disk cache (about 0.3 s),
+    so that cost is paid before any record is read."""
+
+    def __init__(self, fmt: str, max_line_bytes: int) -> None:
+        try:
+            self._layout = _LAYOUTS[fmt]
+        except KeyError:
+            raise ValueError(f"no batch parser for format {fmt!r}") from None
+        self.format = fmt
+        self.max_line_bytes = max_line_bytes
+        _warm()
+
+    def parse(self, values: Sequence[bytes | None]) -> PlainLines:
+        """Parse the plain records among `values` (None: a record without a value, never plain)."""
+        data = pa.array(values, pa.binary())
+        if isinstance(data, pa.ChunkedArray):  # over 2 GiB in all (a raised --max-line-bytes): per line
+            return _none()
+        return _plain_lines(data, self._layout, self.max_line_bytes)
+
+
+def _plain_lines(data: pa.BinaryArray, layout: _Layout, max_line_bytes: int) -> PlainLines:
+    count = len(data)
+    buffers = data.buffers()
+    if count == 0 or buffers[2] is None:  # no bytes at all: every record empty or without a value
+        return _none()
+    offsets = np.frombuffer(buffers[1], np.int32, count + 1, data.offset * 4)
+    text = np.frombuffer(buffers[2], np.uint8)
+    size = int(offsets[-1])
+    out = _Out(count, size)
+    plain, raw_end, template_end, ids, id_end = _scan(
+        text, offsets, not layout.labelled, layout.fields, layout.micros, max_line_bytes, _MONTH_DAYS,
+        out.rows, out.raw, out.raw_offsets, out.templates, out.template_offsets, out.times, out.labels,
+        out.ids, out.id_offsets, out.line_ids)
+    if plain == 0:
+        return _none()
+    labels: list[bool | None]
+    labels = out.labels[:plain].astype(bool).tolist() if layout.labelled else [None] * plain
+    return PlainLines(
+        out.rows[:plain].tolist(),
+        _strings(plain, out.raw_offsets, out.raw, raw_end),
+        _strings(plain, out.template_offsets, out.templates, template_end),
+        out.times[:plain].tolist(),
+        labels,
+        _blocks(plain, out, ids, id_end),
+    )
+
+
+def _none() -> PlainLines:
+    return PlainLines([], [], [], [], [], [])
+
+
+class _Out:
+    """The loop's output arrays for a batch of `count` records holding `size` bytes; the loop fills the
+    first `plain` entries (`plain + 1` offsets). A template is at most three times its content (a
+    one-byte token becomes `<*>`), and a block id takes at least five bytes (`blk_0`)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.rows = np.empty(count, np.int64)
+        self.raw = np.empty(size, np.uint8)
+        self.raw_offsets = np.empty(count + 1, np.int64)
+        self.templates = np.empty(3 * size, np.uint8)
+        self.template_offsets = np.empty(count + 1, np.int64)
+        self.times = np.empty(count, np.float64)
+        self.labels = np.empty(count, np.uint8)
+        self.ids = np.empty(size, np.uint8)
+        self.id_offsets = np.empty(size // 5 + 2, np.int64)
+        self.line_ids = np.empty(count + 1, np.int64)  # per plain line: its first id's index in the id list
+
+
+def _strings(count: int, offsets: np.ndarray, data: np.ndarray, end: int) -> list[str]:
+    """The first `count` strings of a (offsets, bytes) pair as Python str (the bytes are ASCII)."""
+    return pa.Array.from_buffers(pa.large_string(), count,
+                                 [None, pa.py_buffer(offsets[:count + 1]), pa.py_buffer(data[:end])]).to_pylist()
+
+
+def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...]]:
+    """Each plain line's block ids as `masking.block_ids` gives them: in order, repeats dropped."""
+    if ids == 0:
+        return [()] * plain
+    names = _strings(ids, out.id_offsets, out.ids, id_end)
+    bounds = out.line_ids[:plain + 1].tolist()
+    shared: dict[str, tuple[str, ...]] = {}  # one tuple per block id of the batch, shared by its lines
+    blocks: list[tuple[str, ...]] = []
+    append = blocks.append
+    for start, stop in zip(bounds, bounds[1:]):
+        if stop - start == 1:
+            name = names[start]
+            found = shared.get(name)
+            if found is None:
+                found = shared[name] = (name,)
+            append(found)
+        elif start == stop:
+            append(())
+        else:
+            append(tuple(dict.fromkeys(names[start:stop])))
+    return blocks
+
+
+_warmed = False
+
+
+def _warm() -> None:
+    """Compile the loop (or load it from numba's cache) for the argument types `parse` passes it."""
+    global _warmed
+    if not _warmed:
+        sample = [b"- 1 2005.06.03 a 2005-06-03-15.42.50.675872 b c d e blk_1 x/1 deadbeef"]
+        _plain_lines(pa.array(sample, pa.binary()), _LAYOUTS["bgl"], 1 << 20)
+        _warmed = True
+
+
+# --- the compiled loop ------------------------------------------------------------------------------
+# numba compiles these to machine code on first use (`cache=True`: once per machine, kept beside this
+# file in __pycache__ or in numba's user cache). They read and write only the arrays they are given.
+
+
+@njit(cache=True, inline="always")
+def _digit(byte: int) -> bool:
+    return 48 <= byte <= 57
+
+
+@njit(cache=True, inline="always")
+def _hex_letter(byte: int) -> bool:
+    return 65 <= byte <= 70 or 97 <= byte <= 102
+
+
+@njit(cache=True, inline="always")
+def _digits(text: Any, start: int, stop: int) -> int:
+    """The decimal value of text[start:stop], or -1 when a byte there is not a digit (or it is empty)."""
+    if stop <= start:
+        return -1
+    value = 0
+    for at in range(start, stop):
+        byte = text[at]
+        if not _digit(byte):
+            return -1
+        value = value * 10 + (byte - 48)
+    return value
+
+
+@njit(cache=True)
+def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
+    """`masking.mask` of the content text[start:stop] (printable ASCII: its only whitespace is the space)
+    written at out[at:]; returns the end of what was written."""
+    token = start
+    while True:
+        end = token
+        variable = False
+        hex_run = True
+        while end < stop and text[end] != _SPACE:
+            byte = text[end]
+            if _digit(byte) or byte == _SLASH:
+                variable = True
+            elif not _hex_letter(byte):
+                hex_run = False
+            end += 1
+        if variable or (hex_run and end - token >= 8):
+            out[at] = 60  # <
+            out[at + 1] = 42  # *
+            out[at + 2] = 62  # >
+            at += 3
+        else:
+            for k in range(token, end):
+                out[at] = text[k]
+                at += 1
+        if end >= stop:
+            return at
+        out[at] = _SPACE
+        at += 1
+        token = end + 1
+
+
+@njit(cache=True)
+def _block_ids(text: Any, start: int, stop: int, ids: Any, id_offsets: Any, count: int) -> int:
+    """`BLOCK_ID.findall` over text[start:stop] (`blk_-?[0-9]+`, left to right, no overlap), each id
+    appended to `ids` at `id_offsets[count]`; returns the new count of ids."""
+    at = start
+    while at + 5 <= stop:
+        if text[at] == 98 and text[at + 1] == 108 and text[at + 2] == 107 and text[at + 3] == 95:  # blk_
+            digits = at + 4
+            if text[digits] == _DASH:
+                digits += 1
+            end = digits
+            while end < stop and _digit(text[end]):
+                end += 1
+            if end > digits:
+                write = id_offsets[count]
+                for k in range(at, end):
+                    ids[write] = text[k]
+                    write += 1
+                count += 1
+                id_offsets[count] = write
+                at = end
+                continue
+        at += 1
+    return count
+
+
+@njit(cache=True)
+def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_bytes: int, month_days: Any,
+          rows: Any, raw: Any, raw_offsets: Any, templates: Any, template_offsets: Any, times: Any, labels: Any,
+          ids: Any, id_offsets: Any, line_ids: Any) -> tuple[int, int, int, int, int]:
+    """Every record of the batch (text[offsets[r]:offsets[r + 1]]), once: the plain ones parsed into the
+    output arrays (see `_Out`). Returns (plain lines, raw bytes, template bytes, block ids, id bytes)."""
+    plain = 0
+    raw_offsets[0] = 0
+    template_offsets[0] = 0
+    id_offsets[0] = 0
+    line_ids[0] = 0
+    id_count = 0
+    starts = np.empty(fields, np.int64)
+    stops = np.empty(fields, np.int64)
+    for record in range(offsets.shape[0] - 1):
+        begin = offsets[record]
+        end = offsets[record + 1]
+        if end - begin > max_bytes:
+            continue
+        while end > begin and (text[end - 1] == 10 or text[end - 1] == 13):  # the terminators at the end
+            end -= 1
+        if end == begin:
+            continue
+        printable = True
+        for at in range(begin, end):
+            if text[at] < 32 or text[at] > 126:
+                printable = False
+                break
+        if not printable or text[begin] == _SPACE:
+            continue
+        # the header fields, then the content from `at`
+        at = begin
+        complete = True
+        for field in range(fields):
+            starts[field] = at
+            while at < end and text[at] != _SPACE:
+                at += 1
+            stops[field] = at
+            if at >= end or at == starts[field]:  # no content after it, or an empty field (two spaces)
+                complete = False
+                break
+            at += 1
+            if not hdfs:
+                while at < end and text[at] == _SPACE:
+                    at += 1
+        if not complete:
+            continue
+        if hdfs:
+            event_time = _hdfs_time(text, starts, stops, month_days)
+            if event_time < 0:
+                continue
+            label = 0
+        else:
+            if at >= end:  # labelled formats need a content
+                continue
+            event_time = _labelled_time(text, starts, stops, micros)
+            if event_time < 0:
+                continue
+            label = 0 if stops[0] - starts[0] == 1 and text[starts[0]] == _DASH else 1
+        rows[plain] = record
+        times[plain] = event_time
+        labels[plain] = label
+        write = raw_offsets[plain]
+        for k in range(begin, end):
+            raw[write] = text[k]
+            write += 1
+        raw_offsets[plain + 1] = write
+        template_offsets[plain + 1] = _mask(text, at, end, templates, template_offsets[plain])
+        id_count = _block_ids(text, begin, end, ids, id_offsets, id_count)
+        plain += 1
+        line_ids[plain] = id_count
+    return plain, raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
+
+
+@njit(cache=True)
+def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
+    """Timestamp (field 2: 1-15 digits), checked against the date (field 3: yyyy.mm.dd), plus BGL's
+    micros (the Time field's six digits after its last dot, or all of it); -1 when not that shape."""
+    if stops[1] - starts[1] > _STAMP_DIGITS:
+        return -1.0
+    stamp = _digits(text, starts[1], stops[1])
+    date = starts[2]
+    if stamp < 0 or stops[2] - date != 10 or text[date + 4] != _DOT or text[date + 7] != _DOT:
+        return -1.0
+    if _digits(text, date, date + 4) < 0 or _digits(text, date + 5, date + 7) < 0 or \
+            _digits(text, date + 8, date + 10) < 0:
+        return -1.0
+    event_time = float(stamp)
+    if micros:
+        clock, clock_end = starts[4], stops[4]
+        after = clock
+        for at in range(clock, clock_end):
+            if text[at] == _DOT:
+                after = at + 1
+        if clock_end - after == 6:
+            fraction = _digits(text, after, clock_end)
+            if fraction >= 0:
+                event_time += fraction / 1e6
+    return event_time
+
+
+@njit(cache=True)
+def _hdfs_time(text: Any, starts: Any, stops: Any, month_days: Any) -> float:
+    """`<yymmdd> <hhmmss> <pid> <level> <component>:` as `parse_hdfs` reads it: six-digit date (a month
+    of 1-12, as `calendar.timegm` needs) and time, a decimal pid, a component ending in a colon after at
+    least one byte; the seconds `calendar.timegm` gives; -1 when not that shape."""
+    if stops[0] - starts[0] != 6 or stops[1] - starts[1] != 6:
+        return -1.0
+    date = _digits(text, starts[0], stops[0])
+    clock = _digits(text, starts[1], stops[1])
+    if date < 0 or clock < 0 or _digits(text, starts[2], stops[2]) < 0:
+        return -1.0
+    component_end = stops[4]
+    if component_end - starts[4] < 2 or text[component_end - 1] != _COLON:
+        return -1.0
+    year, month, day = date // 10_000, date // 100 % 100, date % 100
+    if month < 1 or month > 12:
+        return -1.0
+    hours, minutes, seconds = clock // 10_000, clock // 100 % 100, clock % 100
+    days = month_days[year * 12 + month - 1] + day - 1
+    return float(days * 86_400 + hours * 3_600 + minutes * 60 + seconds)
