@@ -129,7 +129,7 @@ def _plain_lines(data: pa.BinaryArray, layout: _Layout, max_line_bytes: int) -> 
     labels = out.labels[:plain].astype(bool).tolist() if layout.labelled else [None] * plain
     return PlainLines(
         out.rows[:plain].tolist(),
-        _strings(plain, out.raw_offsets, out.raw, raw_end),
+        data.view(pa.string()).to_pylist() if raw_end < 0 else _strings(plain, out.raw_offsets, out.raw, raw_end),
         _strings(plain, out.template_offsets, out.templates, template_end),
         out.times[:plain].tolist(),
         labels,
@@ -166,25 +166,27 @@ def _strings(count: int, offsets: np.ndarray, data: np.ndarray, end: int) -> lis
 
 
 def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...]]:
-    """Each plain line's block ids as `masking.block_ids` gives them: in order, repeats dropped."""
+    """Each plain line's block ids as `masking.block_ids` gives them: in order, repeats dropped.
+
+    Most lines name one block or none: each distinct id's one-element tuple is made once (Arrow's
+    dictionary encoding) and the lines take theirs by index, at C speed; only a line naming several
+    ids (rare) builds its own tuple."""
     if ids == 0:
         return [()] * plain
-    names = _strings(ids, out.id_offsets, out.ids, id_end)
-    bounds = out.line_ids[:plain + 1].tolist()
-    shared: dict[str, tuple[str, ...]] = {}  # one tuple per block id of the batch, shared by its lines
-    blocks: list[tuple[str, ...]] = []
-    append = blocks.append
-    for start, stop in zip(bounds, bounds[1:]):
-        if stop - start == 1:
-            name = names[start]
-            found = shared.get(name)
-            if found is None:
-                found = shared[name] = (name,)
-            append(found)
-        elif start == stop:
-            append(())
-        else:
-            append(tuple(dict.fromkeys(names[start:stop])))
+    names = pa.Array.from_buffers(pa.large_string(), ids, [None, pa.py_buffer(out.id_offsets[:ids + 1]),
+                                                           pa.py_buffer(out.ids[:id_end])]).dictionary_encode()
+    shared = [(name,) for name in names.dictionary.to_pylist()]
+    shared.append(())  # the last entry: a line without a block id
+    bounds = out.line_ids[:plain + 1]
+    counts = np.diff(bounds)
+    index = np.asarray(names.indices)[np.minimum(bounds[:-1], ids - 1)]
+    index[counts == 0] = len(shared) - 1
+    blocks = list(map(shared.__getitem__, index.tolist()))
+    several = np.flatnonzero(counts > 1)
+    if len(several):
+        every = names.indices.to_pylist()
+        for row in several.tolist():
+            blocks[row] = tuple(dict.fromkeys(shared[i][0] for i in every[bounds[row]:bounds[row + 1]]))
     return blocks
 
 
@@ -292,8 +294,11 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
           rows: Any, raw: Any, raw_offsets: Any, templates: Any, template_offsets: Any, times: Any, labels: Any,
           ids: Any, id_offsets: Any, line_ids: Any) -> tuple[int, int, int, int, int]:
     """Every record of the batch (text[offsets[r]:offsets[r + 1]]), once: the plain ones parsed into the
-    output arrays (see `_Out`). Returns (plain lines, raw bytes, template bytes, block ids, id bytes)."""
+    output arrays (see `_Out`). Returns (plain lines, raw bytes, template bytes, block ids, id bytes); raw
+    bytes is -1 when every record was plain and had no terminator to trim: `raw` was not written, the
+    batch's own bytes are the raw lines."""
     plain = 0
+    whole = True  # every record so far plain and untrimmed: `raw` is not written, the batch's own bytes are it
     raw_offsets[0] = 0
     template_offsets[0] = 0
     id_offsets[0] = 0
@@ -311,10 +316,14 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
         if end == begin:
             continue
         printable = True
+        underscore = False  # no `_`: no block id, the search is skipped
         for at in range(begin, end):
-            if text[at] < 32 or text[at] > 126:
+            byte = text[at]
+            if byte < 32 or byte > 126:
                 printable = False
                 break
+            if byte == 95:
+                underscore = True
         if not printable or text[begin] == _SPACE:
             continue
         # the header fields, then the content from `at`
@@ -349,16 +358,26 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
         rows[plain] = record
         times[plain] = event_time
         labels[plain] = label
+        if whole and (record != plain or end != offsets[record + 1]):  # the first record dropped or trimmed
+            whole = False
+            for k in range(offsets[0], offsets[plain]):  # the plain records so far, copied as they were
+                raw[k - offsets[0]] = text[k]
         write = raw_offsets[plain]
-        for k in range(begin, end):
-            raw[write] = text[k]
-            write += 1
-        raw_offsets[plain + 1] = write
+        if not whole:
+            for k in range(begin, end):
+                raw[write] = text[k]
+                write += 1
+        raw_offsets[plain + 1] = write + (end - begin if whole else 0)
         template_offsets[plain + 1] = _mask(text, at, end, templates, template_offsets[plain])
-        id_count = _block_ids(text, begin, end, ids, id_offsets, id_count)
+        if underscore:
+            id_count = _block_ids(text, begin, end, ids, id_offsets, id_count)
         plain += 1
         line_ids[plain] = id_count
-    return plain, raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
+    if whole and plain < offsets.shape[0] - 1:  # records dropped at the end: the plain ones are copied
+        whole = False
+        for k in range(offsets[0], offsets[plain]):
+            raw[k - offsets[0]] = text[k]
+    return plain, -1 if whole else raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
 
 
 @njit(cache=True)
