@@ -18,6 +18,7 @@ import bisect
 import heapq
 import time
 from collections.abc import Callable, Mapping
+from itertools import repeat
 from typing import cast
 
 from confluent_kafka import KafkaError, Message
@@ -183,8 +184,9 @@ class Ingest:
         below the replay fence suppressed, but for a replayed idle cut's (held, never published: they go
         now, as `_apply` does with `AddResult.cut`)."""
         fence = state.fence
-        good = [line for line in parsed if not isinstance(line, BadRecord)]
-        if len(good) < len(parsed):
+        good = cast(list[LogLine], parsed)
+        if any(map(isinstance, parsed, repeat(BadRecord))):  # a C loop: most batches have no bad record
+            good = [line for line in parsed if not isinstance(line, BadRecord)]
             for message, line in zip(batch, parsed):  # copies never reach count windows
                 if isinstance(line, BadRecord):
                     self._bad_record(state, message, line, message.offset() < fence)
