@@ -42,6 +42,10 @@ import numpy as np
 import pyarrow as pa
 from numba import njit
 
+from logstream.logs import get_logger
+
+log = get_logger(__name__)
+
 _SPACE, _DOT, _SLASH, _COLON, _DASH = 32, 46, 47, 58, 45
 _STAMP_DIGITS = 15  # the timestamp field: 1-15 digits (every such integer is exact in a double)
 
@@ -197,27 +201,46 @@ def _warm() -> None:
     """Compile the loop (or load it from numba's cache) for the argument types `parse` passes it."""
     global _warmed
     if not _warmed:
+        if _uncached:
+            log.warning("batch_parser_uncached", functions=_uncached,
+                        consequence="numba found no writable cache directory: the batch parser is compiled "
+                        "at every start (about 2 s)", action="set NUMBA_CACHE_DIR to a writable directory")
         sample = [b"- 1 2005.06.03 a 2005-06-03-15.42.50.675872 b c d e blk_1 x/1 deadbeef"]
         _plain_lines(pa.array(sample, pa.binary()), _LAYOUTS["bgl"], 1 << 20)
         _warmed = True
 
 
 # --- the compiled loop ------------------------------------------------------------------------------
-# numba compiles these to machine code on first use (`cache=True`: once per machine, kept beside this
-# file in __pycache__ or in numba's user cache). They read and write only the arrays they are given.
+# numba compiles these to machine code on first use, once per machine: the machine code is cached
+# beside this file in __pycache__, or where NUMBA_CACHE_DIR says (the images set it to the state
+# directory), or in numba's user cache. They read and write only the arrays they are given.
+
+_uncached: list[str] = []  # functions compiled without the disk cache (no writable place for it)
 
 
-@njit(cache=True, inline="always")
+def _compiled(**options: Any) -> Any:
+    """`numba.njit` with the on-disk cache; without it where numba finds no writable directory for the
+    cache (a read-only install and home), which numba would otherwise refuse with a RuntimeError on import."""
+    def decorate(function: Any) -> Any:
+        try:
+            return njit(cache=True, **options)(function)
+        except RuntimeError:
+            _uncached.append(function.__name__)
+            return njit(**options)(function)
+    return decorate
+
+
+@_compiled(inline="always")
 def _digit(byte: int) -> bool:
     return 48 <= byte <= 57
 
 
-@njit(cache=True, inline="always")
+@_compiled(inline="always")
 def _hex_letter(byte: int) -> bool:
     return 65 <= byte <= 70 or 97 <= byte <= 102
 
 
-@njit(cache=True, inline="always")
+@_compiled(inline="always")
 def _digits(text: Any, start: int, stop: int) -> int:
     """The decimal value of text[start:stop], or -1 when a byte there is not a digit (or it is empty)."""
     if stop <= start:
@@ -231,7 +254,7 @@ def _digits(text: Any, start: int, stop: int) -> int:
     return value
 
 
-@njit(cache=True)
+@_compiled()
 def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
     """`masking.mask` of the content text[start:stop] (printable ASCII: its only whitespace is the space)
     written at out[at:]; returns the end of what was written."""
@@ -263,7 +286,7 @@ def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
         token = end + 1
 
 
-@njit(cache=True)
+@_compiled()
 def _block_ids(text: Any, start: int, stop: int, ids: Any, id_offsets: Any, count: int) -> int:
     """`BLOCK_ID.findall` over text[start:stop] (`blk_-?[0-9]+`, left to right, no overlap), each id
     appended to `ids` at `id_offsets[count]`; returns the new count of ids."""
@@ -289,7 +312,7 @@ def _block_ids(text: Any, start: int, stop: int, ids: Any, id_offsets: Any, coun
     return count
 
 
-@njit(cache=True)
+@_compiled()
 def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_bytes: int, month_days: Any,
           rows: Any, raw: Any, raw_offsets: Any, templates: Any, template_offsets: Any, times: Any, labels: Any,
           ids: Any, id_offsets: Any, line_ids: Any) -> tuple[int, int, int, int, int]:
@@ -380,7 +403,7 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
     return plain, -1 if whole else raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
 
 
-@njit(cache=True)
+@_compiled()
 def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
     """Timestamp (field 2: 1-15 digits), checked against the date (field 3: yyyy.mm.dd), plus BGL's
     micros (the Time field's six digits after its last dot, or all of it); -1 when not that shape."""
@@ -407,7 +430,7 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
     return event_time
 
 
-@njit(cache=True)
+@_compiled()
 def _hdfs_time(text: Any, starts: Any, stops: Any, month_days: Any) -> float:
     """`<yymmdd> <hhmmss> <pid> <level> <component>:` as `parse_hdfs` reads it: six-digit date (a month
     of 1-12, as `calendar.timegm` needs) and time, a decimal pid, a component ending in a colon after at

@@ -272,7 +272,7 @@ class LineParser:
     def __init__(self, fmt: str, max_line_bytes: int = 1_048_576, vector_min: int = VECTOR_MIN_RECORDS) -> None:
         self.format = fmt
         self.max_line_bytes = max_line_bytes
-        self.vector_min = vector_min  # smaller batches: per line (a kernel call has a fixed cost)
+        self.vector_min = vector_min  # smaller batches: per line (a batch-path call has a fixed cost)
         parser_for(fmt)  # refuses an unknown format with the list of known ones
         self._fields = _FIELDS.get(fmt)
         self._vector = _batch_parser(fmt, max_line_bytes)
