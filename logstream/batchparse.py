@@ -104,6 +104,9 @@ class BatchParser:
             raise ValueError(f"no batch parser for format {fmt!r}") from None
         self.format = fmt
         self.max_line_bytes = max_line_bytes
+        # the loop takes a 64-bit limit; a record in one Arrow binary array is under 2 GiB, so any larger
+        # limit (up to `float("inf")`) is the same limit
+        self._limit = int(max_line_bytes) if max_line_bytes < 2**31 else 2**31
         _warm()
 
     def parse(self, values: Sequence[bytes | None]) -> PlainLines:
@@ -111,7 +114,7 @@ class BatchParser:
         data = pa.array(values, pa.binary())
         if isinstance(data, pa.ChunkedArray):  # over 2 GiB in all (a raised --max-line-bytes): per line
             return _none()
-        return _plain_lines(data, self._layout, self.max_line_bytes)
+        return _plain_lines(data, self._layout, self._limit)
 
 
 def _plain_lines(data: pa.BinaryArray, layout: _Layout, max_line_bytes: int) -> PlainLines:
@@ -204,7 +207,7 @@ def _warm() -> None:
         if _uncached:
             log.warning("batch_parser_uncached", functions=_uncached,
                         consequence="numba found no writable cache directory: the batch parser is compiled "
-                        "at every start (about 2 s)", action="set NUMBA_CACHE_DIR to a writable directory")
+                        "at every start (a few seconds)", action="set NUMBA_CACHE_DIR to a writable directory")
         sample = [b"- 1 2005.06.03 a 2005-06-03-15.42.50.675872 b c d e blk_1 x/1 deadbeef"]
         _plain_lines(pa.array(sample, pa.binary()), _LAYOUTS["bgl"], 1 << 20)
         _warmed = True

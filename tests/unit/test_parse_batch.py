@@ -116,6 +116,15 @@ def test_generated_records_good_and_bad(fmt: str, values: list[bytes | None], si
     assert batched(LineParser(fmt, max_bytes, vector_min=1), values, times, sizes) == expected
 
 
+@pytest.mark.parametrize("limit", [2**31 - 1, 2**31, 2**63, 2**80])
+def test_any_record_size_limit(limit: int) -> None:
+    """A size limit beyond what a batch can hold (a 64-bit integer and more) is no limit, on both paths."""
+    values: list[bytes | None] = [b"081109 203615 148 INFO dfs.X: a 1 blk_7"] * 40
+    times = record_times_for(len(values))
+    expected = one_by_one(LineParser("hdfs", limit), values, times)
+    assert batched(LineParser("hdfs", limit), values, times, [40]) == expected
+
+
 def test_lengths_must_agree() -> None:
     with pytest.raises(ValueError, match="2 values, 1 offsets"):
         LineParser("bgl").parse_batch([b"a", b"b"], topic="t", partition=0, offsets=[0], record_times=[0.0, 0.0])
