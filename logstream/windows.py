@@ -329,9 +329,9 @@ class CountWindower:
 class _Session:
     __slots__ = ("lines", "last_event", "generation", "bound_before")
 
-    def __init__(self, generation: int, bound_before: list[Any] | None) -> None:
+    def __init__(self, generation: int, bound_before: list[Any] | None, last_event: float = _NO_TIME) -> None:
         self.lines: list[LogLine] = []
-        self.last_event = _NO_TIME
+        self.last_event = last_event
         self.generation = generation
         self.bound_before = bound_before  # the event-time bound's state before the first line (replay start)
 
@@ -353,7 +353,9 @@ class SessionWindower:
         self.gap, self.grace, self.max_lines, self.max_open = gap, grace, max_lines, max_open
         self.bound = bound
         self._open: dict[str, _Session] = {}  # insertion order = opening order = first-offset order
-        self._expiry: list[tuple[float, int, str]] = []  # (deadline, generation, key), stale entries skipped
+        # (deadline, generation, key): for each open session at least one entry, its deadline at most the
+        # session's (`_expire` explains why that is enough); entries of closed sessions are skipped
+        self._expiry: list[tuple[float, int, str]] = []
         self._generation = 0
         self._stream_time = _NO_TIME
         self._restoring: dict[str, int] | None = None
@@ -438,12 +440,51 @@ class SessionWindower:
         (joined none), or was replayed below the restore fence. A line not listed joined at least
         one window and did nothing else; building no result for it is what saves the time."""
         events: list[tuple[int, AddResult]] = []
-        for index, line in enumerate(lines):
-            if self._restoring is not None:  # replaying: the per-line path (rare, once per assignment)
-                result = self.add(line, record_times[index])
-                if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
-                        not result.joined:
-                    events.append((index, result))
+        start = 0
+        while start < len(lines) and self._restoring is not None:  # replaying: the per-line path (once per assignment)
+            result = self.add(lines[start], record_times[start])
+            if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
+                    not result.joined:
+                events.append((start, result))
+            start += 1
+        if start < len(lines):
+            self._stream_batch(lines, record_times, start, events)
+        return events
+
+    def _stream_batch(self, lines: Sequence[LogLine], record_times: Sequence[float | None], start: int,
+                      events: list[tuple[int, AddResult]]) -> None:
+        """`add_batch` from line `start` on, past any replay: `_admit` then `_join` on each line, the events
+        appended to `events`.
+
+        Most lines take a fast path instead: a line of one block id whose session is open and takes it
+        without a close (no gap, below `max_lines`), when stream time does not pass the earliest expiry
+        entry and the event-time bound admits it unchanged, only joins that session. The path does just
+        those steps of `_admit` and `_join`, inline, and lists no event for the line (as `_join`
+        returning None)."""
+        open_get, expiry, gap, bound = self._open.get, self._expiry, self.gap, self.bound
+        max_future = bound.max_future if bound is not None else 0.0
+        below_cap = self.max_lines - 1  # a session holding fewer lines takes one more without closing
+        stream_time = self._stream_time
+        last_offset: int | None = None
+        for index in range(start, len(lines)):
+            line = lines[index]
+            now = line.event_time
+            keys = line.block_ids
+            if len(keys) == 1 and (session := open_get(keys[0])) is not None and now <= session.last_event + gap \
+                    and len(session.lines) < below_cap \
+                    and (now <= stream_time or not expiry or expiry[0][0] >= now) \
+                    and (bound is None or bound.stream_time != _NO_TIME and now <= bound.stream_time + max_future):
+                if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
+                    if now > bound.stream_time:
+                        bound.admit(now, record_times[index])  # moves the bound's stream time
+                    else:
+                        bound.run = 0  # all that admit does for a line not past its stream time
+                session.lines.append(line)
+                if now > session.last_event:
+                    session.last_event = now  # its expiry entry stays (see `_expire`)
+                if now > stream_time:
+                    stream_time = self._stream_time = now
+                last_offset = line.offset
                 continue
             before = self._bound_before()
             admitted = self._admit(line, record_times[index])
@@ -451,11 +492,13 @@ class SessionWindower:
                 events.append((index, AddResult(future=True)))
                 continue
             line, clamped = admitted
-            self._last_offset = line.offset
+            last_offset = line.offset
             joined = self._join(line, before, clamped)
+            stream_time = self._stream_time
             if joined is not None:
                 events.append((index, joined))
-        return events
+        if last_offset is not None:
+            self._last_offset = last_offset
 
     def _replay_cut(self, line: LogLine) -> AddResult:
         """The line a recorded cut came after, replayed: the sessions rebuilt up to it are the ones the
@@ -507,13 +550,13 @@ class SessionWindower:
                 self._generation += 1
                 if bound_before is None:
                     bound_before = _bound_state(before)
-                session = open_[key] = _Session(self._generation, bound_before)
+                session = open_[key] = _Session(self._generation, bound_before, now)
+                self._schedule(key, session)
                 opened += 1
+            elif now > session.last_event:
+                session.last_event = now  # its expiry entry stays (see `_expire`)
             session.lines.append(line)
             joined += 1
-            if now > session.last_event:
-                session.last_event = now
-                self._schedule(key, session)
             if len(session.lines) >= self.max_lines:
                 closed.append(self._close(key, "max_size"))
         if closed or opened or clamped or late or not joined:
@@ -582,21 +625,38 @@ class SessionWindower:
     # --- internals ----------------------------------------------------------------------------
 
     def _schedule(self, key: str, session: _Session) -> None:
-        heapq.heappush(self._expiry, (session.last_event + self.gap + self.grace, session.generation, key))
-        if len(self._expiry) > 4 * len(self._open) + 1024:
-            self._expiry = [
-                (s.last_event + self.gap + self.grace, s.generation, k) for k, s in self._open.items()
-            ]
-            heapq.heapify(self._expiry)
+        """Give a session its expiry entry: once, when it opens (or is rebuilt by a replay), not each time
+        its last event moves (`_expire` re-pushes an entry found early)."""
+        expiry = self._expiry
+        heapq.heappush(expiry, (session.last_event + self.gap + self.grace, session.generation, key))
+        if len(expiry) > 4 * len(self._open) + 1024:  # mostly entries of closed sessions, not yet reached
+            expiry[:] = [(s.last_event + self.gap + self.grace, s.generation, k) for k, s in self._open.items()]
+            heapq.heapify(expiry)  # in place: `_stream_batch` holds the list
 
     def _expire(self, closed: list[Window]) -> None:
-        while self._expiry and self._expiry[0][0] < self._stream_time:
-            deadline, generation, key = heapq.heappop(self._expiry)
-            session = self._open.get(key)
+        """Close (reason gap), in order of (deadline, generation), every session whose deadline
+        `last_event + gap + grace` is before stream time.
+
+        An entry is pushed when a session opens, not when it is extended, so an entry's deadline can be
+        earlier than its session's: the invariant is only that every open session has an entry whose
+        deadline is at most its own (last_event only grows). An entry found early is replaced by the true
+        deadline. The close order is still (deadline, generation): when the heap's least entry is a
+        session's true deadline D with generation g, every other open session's entries are >= (D, g),
+        so its deadline is >= D, and if equal to D its entry is exactly (D, its generation) with that
+        generation > g. And the set closed is the same: a session whose deadline is before stream time has
+        an entry before it too, popped here and, if early, pushed again with that deadline, popped again."""
+        expiry, open_, gap, grace, stream_time = self._expiry, self._open, self.gap, self.grace, self._stream_time
+        while expiry and expiry[0][0] < stream_time:
+            deadline, generation, key = expiry[0]
+            session = open_.get(key)
             if session is None or session.generation != generation:
-                continue  # closed or reopened since
-            if session.last_event + self.gap + self.grace != deadline:
-                continue  # extended since; a later entry exists
+                heapq.heappop(expiry)  # closed or reopened since
+                continue
+            due = session.last_event + gap + grace
+            if due != deadline:  # extended since it was pushed: its true deadline goes in instead
+                heapq.heapreplace(expiry, (due, generation, key))
+                continue
+            heapq.heappop(expiry)
             closed.append(self._close(key, "gap"))
 
     def _close(self, key: str, reason: CloseReason) -> Window:
