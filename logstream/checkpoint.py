@@ -75,6 +75,12 @@ class OutputLedger:
         self.issued += 1
         return self.issued
 
+    def issue_many(self, n: int) -> range:
+        """Sequence numbers for `n` outputs at once: those `n` calls of `issue` return, in order."""
+        first = self.issued + 1
+        self.issued += n
+        return range(first, first + n)
+
     def complete(self, seq: int) -> None:
         if seq <= self.done_through:
             return

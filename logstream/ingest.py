@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import cast
 
@@ -185,7 +185,7 @@ class Ingest:
         now, as `_apply` does with `AddResult.cut`)."""
         fence = state.fence
         good = cast(list[LogLine], parsed)
-        if any(map(isinstance, parsed, repeat(BadRecord))):  # a C loop: most batches have no bad record
+        if _has_bad(parsed):
             good = [line for line in parsed if not isinstance(line, BadRecord)]
             for message, line in zip(batch, parsed):  # copies never reach count windows
                 if isinstance(line, BadRecord):
@@ -213,12 +213,18 @@ class Ingest:
         """Session windows take the batch's good lines in one call (`SessionWindower.add_batch`); the lines
         it lists (closed or opened a window, refused, clamped, late, unkeyed) and the bad records then get
         their side effects in offset order, as `_apply` and `_bad_record` give them line by line, and
-        the closed windows are handed on a scoring batch at a time."""
-        good = [i for i, line in enumerate(parsed) if not isinstance(line, BadRecord)]
-        lines = cast(list[LogLine], [parsed[i] for i in good])
+        the closed windows are handed on a scoring batch at a time. Windows opened are counted once for
+        the batch, not line by line: the metric ends the same."""
+        good: Sequence[int]
+        if _has_bad(parsed):
+            good = [i for i, line in enumerate(parsed) if not isinstance(line, BadRecord)]
+            lines = cast(list[LogLine], [parsed[i] for i in good])
+            good_times = [times[i] for i in good]
+        else:  # the common case, every record a line: no copies of the lists
+            good, lines, good_times = range(len(parsed)), cast(list[LogLine], parsed), times
         if headers:  # routed by block id: a line belongs only to the blocks routed here
             lines = [_routed_blocks(batch[i], line) for i, line in zip(good, lines)]
-        events = windower.add_batch(lines, [times[i] for i in good])
+        events = windower.add_batch(lines, good_times)
         if len(good) < len(parsed):  # bad records take their place among the events, in offset order
             bad = [(i, line) for i, (line, copy) in enumerate(zip(parsed, copies))
                    if isinstance(line, BadRecord) and not copy]  # a copy is dead-lettered from its primary
@@ -230,17 +236,20 @@ class Ingest:
             state.last_line_at = time.monotonic()
         fence, enough = state.fence, self.settings.batch_size  # a scoring batch's worth is handed on at once
         closed: list[Window] = []
+        opened = 0
         for i, line, result in steps:
             message = batch[i]
             if result is None:
                 self._bad_record(state, message, cast(BadRecord, line), message.offset() < fence)
                 continue
-            self._apply(state, message, cast(LogLine, line), result, message.offset() < fence, closed)
+            opened += self._apply(state, message, cast(LogLine, line), result, message.offset() < fence, closed)
             if len(closed) >= enough:
                 self.submit(state, closed)
                 closed = []
         if closed:
             self.submit(state, closed)
+        if opened:
+            self.metrics.windows_opened.labels(self.settings.window).inc(opened)
 
     def _bad_record(self, state: PartitionState, message: Message, bad: BadRecord, replay: bool) -> None:
         """A record that is no line: counted, and dead-lettered unless an earlier owner did."""
@@ -249,16 +258,15 @@ class Ingest:
             self.publisher.dead_letter(state, message, bad.reason, bad.detail)
 
     def _apply(self, state: PartitionState, message: Message, line: LogLine, result: AddResult, replay: bool,
-               closed: list[Window]) -> None:
-        """The side effects of one line's session `AddResult`: future and late lines, metrics, closed windows."""
+               closed: list[Window]) -> int:
+        """The side effects of one line's session `AddResult`: future and late lines, metrics, closed windows.
+        Returns the windows it opened that count as new work (none when replayed), for the caller to count."""
         topic, partition = state.tp
         if result.future or result.clamped:
             self._count_future(state, message, line, result.future, replay)
             if result.future:
-                return
+                return 0
         if not replay:
-            if result.opened:
-                self.metrics.windows_opened.labels(self.settings.window).inc(result.opened)
             if result.joined == 0:
                 reason = "late" if result.late_keys else "unkeyed"
                 detail = f"late for {', '.join(result.late_keys)}" if result.late_keys else "no block id in line"
@@ -276,6 +284,7 @@ class Ingest:
                 closed.extend(result.closed[suppressed:])
             else:
                 closed.extend(result.closed)
+        return 0 if replay else result.opened
 
     def _count_future(self, state: PartitionState, message: Message, line: LogLine, refused: bool,
                       replay: bool) -> None:
@@ -289,6 +298,12 @@ class Ingest:
         log.info("future_line", partition=f"{topic}/{partition}", offset=message.offset(), refused=refused)
         if refused:
             self.publisher.dead_letter(state, message, "future_timestamp", ahead)
+
+
+def _has_bad(parsed: list[LogLine | BadRecord]) -> bool:
+    """Whether a parsed batch holds a bad record: one pass at C speed (most batches have none, and then
+    the parsed list is the lines as they are)."""
+    return any(map(isinstance, parsed, repeat(BadRecord)))
 
 
 def _one_partition(messages: list[Message]) -> TP | None:

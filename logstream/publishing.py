@@ -91,14 +91,24 @@ class Publisher:
             return
         created_at = now_iso()
         verdicts = {"anomalous": 0, "normal": 0}
+        quiet, parts = self.settings.emit == "anomalous", self.parts
         for result in results:
+            verdict = result.verdict
+            if quiet and verdict is not None and not verdict.anomalous:  # most windows: judged normal, no output
+                job = result.job
+                state = parts.get((job.window.topic, job.window.partition))
+                if state is not None and state.epoch == job.epoch:  # else moved: the next owner replays it
+                    verdicts["normal"] += 1
+                    state.ledger.complete(job.seq)
+                continue
             self._publish(result, created_at, verdicts)
         for label, n in verdicts.items():
             if n:
                 self.metrics.verdicts.labels(label).inc(n)
 
     def _publish(self, result: ScoreResult, created_at: str, verdicts: dict[str, int]) -> None:
-        """One scored window (see `publish_results`); its verdict is counted in `verdicts`."""
+        """One scored window with an output (see `publish_results`, which completes a normal verdict that
+        --emit anomalous does not publish): an alert, or a dead letter; its verdict is counted in `verdicts`."""
         job = result.job
         window = job.window
         state = self.parts.get((window.topic, window.partition))
@@ -116,9 +126,6 @@ class Publisher:
             self.metrics.dlq_records.labels("detector_error").inc()
             return
         verdicts["anomalous" if result.verdict.anomalous else "normal"] += 1
-        if not result.verdict.anomalous and self.settings.emit == "anomalous":
-            state.ledger.complete(job.seq)  # judged normal: nothing to publish
-            return
         alert = build_alert(window, result.verdict, self.detector.name, self.detector.version, created_at)
         try:
             value, truncated = encode_alert(alert, self.limits.alert)
