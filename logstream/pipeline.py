@@ -486,8 +486,8 @@ class Pipeline:
                 self._submit(state, state.release_idle())
 
     def _submit(self, state: PartitionState, windows: list[Window]) -> None:
-        """Hand closed windows to the scorer, each with its output sequence number; windows closed are
-        counted once per (kind, reason) of the run, not window by window (the metric ends the same)."""
+        """Hand closed windows to the scorer, each with its output sequence number; `windows_closed` is
+        raised once per (kind, reason) among them, not window by window (the metric ends the same)."""
         self._windows_submitted += len(windows)
         for (kind, reason), n in Counter(map(_KIND_AND_REASON, windows)).items():
             self.metrics.windows_closed.labels(kind, reason).inc(n)
