@@ -258,16 +258,17 @@ def _digits(text: Any, start: int, stop: int) -> int:
 
 
 @_compiled()
-def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
-    """`masking.mask` of the content text[start:stop] (printable ASCII: its only whitespace is the space)
-    written at out[at:]; returns the end of what was written."""
-    token = start
+def _mask(content: Any, out: Any, at: int) -> int:
+    """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:];
+    returns the end of what was written."""
+    stop = content.shape[0]
+    token = 0
     while True:
         end = token
         variable = False
         hex_run = True
-        while end < stop and text[end] != _SPACE:
-            byte = text[end]
+        while end < stop and content[end] != _SPACE:
+            byte = content[end]
             if _digit(byte) or byte == _SLASH:
                 variable = True
             elif not _hex_letter(byte):
@@ -280,7 +281,7 @@ def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
             at += 3
         else:
             for k in range(token, end):
-                out[at] = text[k]
+                out[at] = content[k]
                 at += 1
         if end >= stop:
             return at
@@ -290,28 +291,32 @@ def _mask(text: Any, start: int, stop: int, out: Any, at: int) -> int:
 
 
 @_compiled()
-def _block_ids(text: Any, start: int, stop: int, ids: Any, id_offsets: Any, count: int) -> int:
-    """`BLOCK_ID.findall` over text[start:stop] (`blk_-?[0-9]+`, left to right, no overlap), each id
-    appended to `ids` at `id_offsets[count]`; returns the new count of ids."""
-    at = start
-    while at + 5 <= stop:
-        if text[at] == 98 and text[at + 1] == 108 and text[at + 2] == 107 and text[at + 3] == 95:  # blk_
-            digits = at + 4
-            if text[digits] == _DASH:
-                digits += 1
-            end = digits
-            while end < stop and _digit(text[end]):
-                end += 1
-            if end > digits:
-                write = id_offsets[count]
-                for k in range(at, end):
-                    ids[write] = text[k]
-                    write += 1
-                count += 1
-                id_offsets[count] = write
-                at = end
-                continue
-        at += 1
+def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int) -> int:
+    """`BLOCK_ID.findall` over `line` (`blk_-?[0-9]+`, left to right, no overlap), each id appended to `ids`
+    at `id_offsets[count]`; returns the new count of ids.
+
+    The search steps through the line's `_` bytes (fewer than its `b`s): an id holds exactly one, three
+    bytes after its start, so taking them in order finds the ids in order; one starting inside the last
+    id found is skipped, as `findall` resumes after a match."""
+    stop = line.shape[0]
+    resume = 0  # the end of the last id found: the next one starts there or later
+    for at in range(3, stop - 1):
+        if line[at] != 95 or at - 3 < resume or line[at - 3] != 98 or line[at - 2] != 108 or line[at - 1] != 107:
+            continue
+        digits = at + 1
+        if line[digits] == _DASH:
+            digits += 1
+        end = digits
+        while end < stop and _digit(line[end]):
+            end += 1
+        if end > digits:
+            write = id_offsets[count]
+            for k in range(at - 3, end):
+                ids[write] = line[k]
+                write += 1
+            count += 1
+            id_offsets[count] = write
+            resume = end
     return count
 
 
@@ -322,7 +327,10 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
     """Every record of the batch (text[offsets[r]:offsets[r + 1]]), once: the plain ones parsed into the
     output arrays (see `_Out`). Returns (plain lines, raw bytes, template bytes, block ids, id bytes); raw
     bytes is -1 when every record was plain and had no terminator to trim: `raw` was not written, the
-    batch's own bytes are the raw lines."""
+    batch's own bytes are the raw lines.
+
+    Each record is read through a view of its own bytes (`line`, indices from 0), which lets the compiler
+    drop negative-index checks and take the printable test many bytes a step."""
     plain = 0
     whole = True  # every record so far plain and untrimmed: `raw` is not written, the batch's own bytes are it
     raw_offsets[0] = 0
@@ -341,68 +349,62 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
             end -= 1
         if end == begin:
             continue
-        printable = True
+        line = text[begin:end]
+        size = end - begin
+        unprintable = False
         underscore = False  # no `_`: no block id, the search is skipped
-        for at in range(begin, end):
-            byte = text[at]
-            if byte < 32 or byte > 126:
-                printable = False
-                break
-            if byte == 95:
-                underscore = True
-        if not printable or text[begin] == _SPACE:
+        for byte in line:
+            unprintable |= (byte < 32) | (byte > 126)
+            underscore |= byte == 95
+        if unprintable or line[0] == _SPACE:
             continue
         # the header fields, then the content from `at`
-        at = begin
+        at = 0
         complete = True
         for field in range(fields):
             starts[field] = at
-            while at < end and text[at] != _SPACE:
+            while at < size and line[at] != _SPACE:
                 at += 1
             stops[field] = at
-            if at >= end or at == starts[field]:  # no content after it, or an empty field (two spaces)
+            if at >= size or at == starts[field]:  # no content after it, or an empty field (two spaces)
                 complete = False
                 break
             at += 1
             if not hdfs:
-                while at < end and text[at] == _SPACE:
+                while at < size and line[at] == _SPACE:
                     at += 1
         if not complete:
             continue
         if hdfs:
-            event_time = _hdfs_time(text, starts, stops, month_days)
+            event_time = _hdfs_time(line, starts, stops, month_days)
             if event_time < 0:
                 continue
             label = 0
         else:
-            if at >= end:  # labelled formats need a content
+            if at >= size:  # labelled formats need a content
                 continue
-            event_time = _labelled_time(text, starts, stops, micros)
+            event_time = _labelled_time(line, starts, stops, micros)
             if event_time < 0:
                 continue
-            label = 0 if stops[0] - starts[0] == 1 and text[starts[0]] == _DASH else 1
+            label = 0 if stops[0] - starts[0] == 1 and line[starts[0]] == _DASH else 1
         rows[plain] = record
         times[plain] = event_time
         labels[plain] = label
         if whole and (record != plain or end != offsets[record + 1]):  # the first record dropped or trimmed
             whole = False
-            for k in range(offsets[0], offsets[plain]):  # the plain records so far, copied as they were
-                raw[k - offsets[0]] = text[k]
+            raw[:offsets[plain] - offsets[0]] = text[offsets[0]:offsets[plain]]  # the plain records so far
         write = raw_offsets[plain]
         if not whole:
-            for k in range(begin, end):
-                raw[write] = text[k]
-                write += 1
-        raw_offsets[plain + 1] = write + (end - begin if whole else 0)
-        template_offsets[plain + 1] = _mask(text, at, end, templates, template_offsets[plain])
+            raw[write:write + size] = line
+        raw_offsets[plain + 1] = write + size
+        template_offsets[plain + 1] = _mask(line[at:], templates, template_offsets[plain])
         if underscore:
-            id_count = _block_ids(text, begin, end, ids, id_offsets, id_count)
+            id_count = _block_ids(line, ids, id_offsets, id_count)
         plain += 1
         line_ids[plain] = id_count
     if whole and plain < offsets.shape[0] - 1:  # records dropped at the end: the plain ones are copied
         whole = False
-        for k in range(offsets[0], offsets[plain]):
-            raw[k - offsets[0]] = text[k]
+        raw[:offsets[plain] - offsets[0]] = text[offsets[0]:offsets[plain]]
     return plain, -1 if whole else raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
 
 
