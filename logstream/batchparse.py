@@ -176,25 +176,22 @@ def _strings(count: int, offsets: np.ndarray, data: np.ndarray, end: int) -> lis
 def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...]]:
     """Each plain line's block ids as `masking.block_ids` gives them: in order, repeats dropped.
 
-    Most lines name one block or none: each distinct id's one-element tuple is made once (Arrow's
-    dictionary encoding) and the lines take theirs by index, at C speed; only a line naming several
-    ids (rare) builds its own tuple."""
+    Most lines name one block or none: the one-element tuples are made at C speed (`zip` over the ids'
+    strings) and the lines take theirs by index; only a line naming several ids (rare) builds its own."""
     if ids == 0:
         return [()] * plain
-    names = pa.Array.from_buffers(pa.large_string(), ids, [None, pa.py_buffer(out.id_offsets[:ids + 1]),
-                                                           pa.py_buffer(out.ids[:id_end])]).dictionary_encode()
-    shared = [(name,) for name in names.dictionary.to_pylist()]
-    shared.append(())  # the last entry: a line without a block id
+    names = _strings(ids, out.id_offsets, out.ids, id_end)
     bounds = out.line_ids[:plain + 1]
     counts = np.diff(bounds)
-    index = np.asarray(names.indices)[np.minimum(bounds[:-1], ids - 1)]
-    index[counts == 0] = len(shared) - 1
-    blocks = list(map(shared.__getitem__, index.tolist()))
-    several = np.flatnonzero(counts > 1)
-    if len(several):
-        every = names.indices.to_pylist()
-        for row in several.tolist():
-            blocks[row] = tuple(dict.fromkeys(shared[i][0] for i in every[bounds[row]:bounds[row + 1]]))
+    if ids == plain and counts.max() == 1:  # every line names exactly one block
+        return list(zip(names))
+    singles = list(zip(names))
+    singles.append(())  # the last entry: a line without a block id
+    index = bounds[:-1].copy()
+    index[counts == 0] = ids
+    blocks = list(map(singles.__getitem__, index.tolist()))
+    for row in np.flatnonzero(counts > 1).tolist():
+        blocks[row] = tuple(dict.fromkeys(names[bounds[row]:bounds[row + 1]]))
     return blocks
 
 
