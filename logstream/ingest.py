@@ -19,8 +19,10 @@ import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
+from operator import itemgetter
 from typing import cast
 
+import numpy as np
 from confluent_kafka import KafkaError, Message
 
 from logstream.deadletters import DeadLetterWatch
@@ -37,6 +39,8 @@ from logstream.settings import Settings
 from logstream.windows import AddResult, CountWindower, SessionWindower, make_windower, window_options
 
 log = get_logger(__name__)
+
+_MILLIS = itemgetter(1)  # a record's timestamp (type, milliseconds): the milliseconds
 
 
 class Ingest:
@@ -163,7 +167,8 @@ class Ingest:
         if not batch:
             return
         if self.session_windows or self.parser.reads_record_times:  # the event-time bound or the parser reads them
-            times = [stamp[1] / 1000.0 for stamp in map(Message.timestamp, batch)]
+            # milliseconds / 1000.0 as Python divides them (int to double, then the division), for the batch at once
+            times = (np.fromiter(map(_MILLIS, map(Message.timestamp, batch)), np.float64, len(batch)) / 1000.0).tolist()
         else:
             times = [0.0] * len(batch)
         parsed = self.parser.parse_batch(list(map(Message.value, batch)), topic=topic, partition=partition,
@@ -242,7 +247,12 @@ class Ingest:
             if result is None:
                 self._bad_record(state, message, cast(BadRecord, line), message.offset() < fence)
                 continue
-            opened += self._apply(state, message, cast(LogLine, line), result, message.offset() < fence, closed)
+            replay = message.offset() < fence
+            if not replay and result.joined and not (result.future or result.clamped or result.late_keys):
+                opened += result.opened  # most events: a window opened or closed, nothing else (`_apply`'s effect)
+                closed += result.closed
+            else:
+                opened += self._apply(state, message, cast(LogLine, line), result, replay, closed)
             if len(closed) >= enough:
                 self.submit(state, closed)
                 closed = []
