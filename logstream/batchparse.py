@@ -182,7 +182,7 @@ def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...
         return [()] * plain
     names = _strings(ids, out.id_offsets, out.ids, id_end)
     bounds = out.line_ids[:plain + 1]
-    counts = np.diff(bounds)
+    counts = bounds[1:] - bounds[:-1]
     if ids == plain and counts.max() == 1:  # every line names exactly one block
         return list(zip(names))
     singles = list(zip(names))
