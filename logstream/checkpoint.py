@@ -357,16 +357,21 @@ class CommitPolicy:
             self.pending = None
 
     def _wait_for_cut(self, deadline: float) -> None:
+        """Until the pending cut is complete and committed, or `deadline`. Waits only for what is missing: a
+        cut already complete is committed at once (a `poll` with a timeout would wait it out when no
+        delivery report is due), windows still scoring are waited for, outputs on their way until the
+        next delivery report."""
         assert self.pending is not None and self.producer is not None
         while time.monotonic() < deadline:
             self.host.pump()
-            self.producer.poll(0.02)
+            self.producer.poll(0)  # the delivery reports already in: they complete the cut's outputs
             if self.pending.complete(self.host.ledgers()):
                 if self.commit(self.pending) or self.pending is None:
                     return
                 time.sleep(0.2)
-            else:
-                self.host.wait(0.02)
+                continue
+            self.host.wait(0.02)  # windows still being scored: until the scorer is idle
+            self.producer.poll(0.02 if len(self.producer) else 0.001)  # outputs on their way: the next report
 
     # --- committing -----------------------------------------------------------------------------
 
