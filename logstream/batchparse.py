@@ -216,6 +216,13 @@ def _warm() -> None:
 # beside this file in __pycache__, or where NUMBA_CACHE_DIR says (the images set it to the state
 # directory), or in numba's user cache. They read and write only the arrays they are given.
 
+# Byte classes for masking: the space, a byte that makes a token variable (a digit, `/`), a hex letter.
+_SPACE_CLASS, _VARIABLE, _HEX = 1, 2, 4
+_BYTE_CLASS = np.zeros(256, np.uint8)
+_BYTE_CLASS[_SPACE] = _SPACE_CLASS
+_BYTE_CLASS[[*range(48, 58), _SLASH]] = _VARIABLE
+_BYTE_CLASS[[*range(65, 71), *range(97, 103)]] = _HEX
+
 _uncached: list[str] = []  # functions compiled without the disk cache (no writable place for it)
 
 
@@ -237,11 +244,6 @@ def _digit(byte: int) -> bool:
 
 
 @_compiled(inline="always")
-def _hex_letter(byte: int) -> bool:
-    return 65 <= byte <= 70 or 97 <= byte <= 102
-
-
-@_compiled(inline="always")
 def _digits(text: Any, start: int, stop: int) -> int:
     """The decimal value of text[start:stop], or -1 when a byte there is not a digit (or it is empty)."""
     if stop <= start:
@@ -258,19 +260,19 @@ def _digits(text: Any, start: int, stop: int) -> int:
 @_compiled(inline="always")
 def _mask(content: Any, out: Any, at: int) -> int:
     """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:];
-    returns the end of what was written."""
+    returns the end of what was written. Each byte's class is one table lookup (`_BYTE_CLASS`)."""
     stop = content.shape[0]
     token = 0
     while True:
         end = token
-        variable = False
-        hex_run = True
-        while end < stop and content[end] != _SPACE:
-            byte = content[end]
-            if _digit(byte) or byte == _SLASH:
-                variable = True
-            elif not _hex_letter(byte):
-                hex_run = False
+        variable = 0
+        hex_run = _HEX
+        while end < stop:
+            kind = _BYTE_CLASS[content[end]]
+            if kind == _SPACE_CLASS:
+                break
+            variable |= kind & _VARIABLE
+            hex_run &= kind
             end += 1
         if variable or (hex_run and end - token >= 8):
             out[at] = 60  # <
@@ -434,22 +436,37 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
 
 
 @_compiled(inline="always")
+def _is_digits(text: Any, start: int, stop: int) -> bool:
+    """Whether text[start:stop] is one or more decimal digits."""
+    if stop <= start:
+        return False
+    for at in range(start, stop):
+        if not _digit(text[at]):
+            return False
+    return True
+
+
+@_compiled(inline="always")
+def _two(text: Any, at: int) -> int:
+    """The two decimal digits at text[at:at + 2] as a number (the caller checked they are digits)."""
+    return (text[at] - 48) * 10 + (text[at + 1] - 48)
+
+
+@_compiled(inline="always")
 def _hdfs_time(text: Any, starts: Any, stops: Any, month_days: Any) -> float:
     """`<yymmdd> <hhmmss> <pid> <level> <component>:` as `parse_hdfs` reads it: six-digit date (a month
     of 1-12, as `calendar.timegm` needs) and time, a decimal pid, a component ending in a colon after at
     least one byte; the seconds `calendar.timegm` gives; -1 when not that shape."""
-    if stops[0] - starts[0] != 6 or stops[1] - starts[1] != 6:
-        return -1.0
-    date = _digits(text, starts[0], stops[0])
-    clock = _digits(text, starts[1], stops[1])
-    if date < 0 or clock < 0 or _digits(text, starts[2], stops[2]) < 0:
+    date, clock = starts[0], starts[1]
+    if stops[0] - date != 6 or stops[1] - clock != 6 or not _is_digits(text, date, date + 6) or \
+            not _is_digits(text, clock, clock + 6) or not _is_digits(text, starts[2], stops[2]):
         return -1.0
     component_end = stops[4]
     if component_end - starts[4] < 2 or text[component_end - 1] != _COLON:
         return -1.0
-    year, month, day = date // 10_000, date // 100 % 100, date % 100
+    month = _two(text, date + 2)
     if month < 1 or month > 12:
         return -1.0
-    hours, minutes, seconds = clock // 10_000, clock // 100 % 100, clock % 100
-    days = month_days[year * 12 + month - 1] + day - 1
-    return float(days * 86_400 + hours * 3_600 + minutes * 60 + seconds)
+    days = month_days[_two(text, date) * 12 + month - 1] + _two(text, date + 4) - 1
+    seconds = _two(text, clock) * 3_600 + _two(text, clock + 2) * 60 + _two(text, clock + 4)
+    return float(days * 86_400 + seconds)
