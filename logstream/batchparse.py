@@ -94,8 +94,8 @@ class BatchParser:
 
     Stateless between batches; `max_line_bytes` is the record size limit of `decode_record`.
     Raises ValueError for a format it does not read (see `vector_formats`). Building the first one
-    in a process compiles the loop (about 2 s) or loads it from numba's on-disk cache (about 0.3 s),
-    so that cost is paid before any record is read."""
+    in a process compiles the loop (a few seconds; ~6 s on a 2-vCPU machine) or loads it from numba's
+    on-disk cache (~0.55 s, after ~0.3 s to import numba), so that cost is paid before any record is read."""
 
     def __init__(self, fmt: str, max_line_bytes: int) -> None:
         try:
