@@ -84,16 +84,11 @@ class PlainLines:
     blocks: list[tuple[str, ...]]
 
 
-def vector_formats() -> frozenset[str]:
-    """The formats `BatchParser` reads (the generic format keeps per-line state: not here)."""
-    return frozenset(_LAYOUTS)
-
-
 class BatchParser:
     """Parses the plain records of a batch of one fixed-header format in one compiled pass.
 
     Stateless between batches; `max_line_bytes` is the record size limit of `decode_record`.
-    Raises ValueError for a format it does not read (see `vector_formats`). Building the first one
+    Raises ValueError for a format it does not read (the generic one keeps per-line state). Building the first one
     in a process compiles the loop (a few seconds; ~6 s on a 2-vCPU machine) or loads it from numba's
     on-disk cache (~0.55 s, after ~0.3 s to import numba), so that cost is paid before any record is read."""
 
@@ -258,6 +253,17 @@ def _digits(text: Any, start: int, stop: int) -> int:
 
 
 @_compiled(inline="always")
+def _is_digits(text: Any, start: int, stop: int) -> bool:
+    """Whether text[start:stop] is one or more decimal digits."""
+    if stop <= start:
+        return False
+    for at in range(start, stop):
+        if not _digit(text[at]):
+            return False
+    return True
+
+
+@_compiled(inline="always")
 def _mask(content: Any, out: Any, at: int) -> int:
     """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:];
     returns the end of what was written. Each byte's class is one table lookup (`_BYTE_CLASS`)."""
@@ -418,8 +424,8 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
     date = starts[2]
     if stamp < 0 or stops[2] - date != 10 or text[date + 4] != _DOT or text[date + 7] != _DOT:
         return -1.0
-    if _digits(text, date, date + 4) < 0 or _digits(text, date + 5, date + 7) < 0 or \
-            _digits(text, date + 8, date + 10) < 0:
+    if not _is_digits(text, date, date + 4) or not _is_digits(text, date + 5, date + 7) or \
+            not _is_digits(text, date + 8, date + 10):
         return -1.0
     event_time = float(stamp)
     if micros:
@@ -433,17 +439,6 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
             if fraction >= 0:
                 event_time += fraction / 1e6
     return event_time
-
-
-@_compiled(inline="always")
-def _is_digits(text: Any, start: int, stop: int) -> bool:
-    """Whether text[start:stop] is one or more decimal digits."""
-    if stop <= start:
-        return False
-    for at in range(start, stop):
-        if not _digit(text[at]):
-            return False
-    return True
 
 
 @_compiled(inline="always")

@@ -93,27 +93,26 @@ class Publisher:
         verdicts = {"anomalous": 0, "normal": 0}
         quiet, parts = self.settings.emit == "anomalous", self.parts
         for result in results:
+            job = result.job
+            state = parts.get((job.window.topic, job.window.partition))
+            if state is None or state.epoch != job.epoch:
+                continue  # the partition moved (or was rewound) since: the next owner replays this window
             verdict = result.verdict
             if quiet and verdict is not None and not verdict.anomalous:  # most windows: judged normal, no output
-                job = result.job
-                state = parts.get((job.window.topic, job.window.partition))
-                if state is not None and state.epoch == job.epoch:  # else moved: the next owner replays it
-                    verdicts["normal"] += 1
-                    state.ledger.complete(job.seq)
+                verdicts["normal"] += 1
+                state.ledger.complete(job.seq)
                 continue
-            self._publish(result, created_at, verdicts)
+            self._publish(result, state, created_at, verdicts)
         for label, n in verdicts.items():
             if n:
                 self.metrics.verdicts.labels(label).inc(n)
 
-    def _publish(self, result: ScoreResult, created_at: str, verdicts: dict[str, int]) -> None:
-        """One scored window with an output (see `publish_results`, which completes a normal verdict that
-        --emit anomalous does not publish): an alert, or a dead letter; its verdict is counted in `verdicts`."""
+    def _publish(self, result: ScoreResult, state: PartitionState, created_at: str, verdicts: dict[str, int]) -> None:
+        """One scored window with an output, of a partition still owned in the window's epoch (`state`; see
+        `publish_results`, which completes a normal verdict that --emit anomalous does not publish): an
+        alert, or a dead letter; its verdict is counted in `verdicts`."""
         job = result.job
         window = job.window
-        state = self.parts.get((window.topic, window.partition))
-        if state is None or state.epoch != job.epoch:
-            return  # the partition moved (or was rewound) since: the next owner replays this window
         if result.verdict is None:
             self.metrics.scoring_errors.inc()
             body = {
