@@ -216,10 +216,11 @@ class Ingest:
                        copies: list[bool], parsed: list[LogLine | BadRecord], times: list[float],
                        headers: bool) -> None:
         """Session windows take the batch's good lines in one call (`SessionWindower.add_batch`); the lines
-        it lists (closed or opened a window, refused, clamped, late, unkeyed) and the bad records then get
-        their side effects in offset order, as `_apply` and `_bad_record` give them line by line, and
-        the closed windows are handed on a scoring batch at a time. Windows opened are counted once for
-        the batch, not line by line: the metric ends the same."""
+        it lists as events (closed windows, refused, clamped, late, unkeyed, replayed) and the bad records
+        then get their side effects in offset order, as `_apply` and `_bad_record` give them line by line,
+        and the closed windows are handed on a scoring batch at a time. Windows opened are counted once
+        for the batch, not line by line (the lines that only opened one are listed apart, by offset, in
+        `SessionBatch.opened_at`): the metric ends the same."""
         good: Sequence[int]
         if _has_bad(parsed):
             good = [i for i, line in enumerate(parsed) if not isinstance(line, BadRecord)]
@@ -229,7 +230,8 @@ class Ingest:
             good, lines, good_times = range(len(parsed)), cast(list[LogLine], parsed), times
         if headers:  # routed by block id: a line belongs only to the blocks routed here
             lines = [_routed_blocks(batch[i], line) for i, line in zip(good, lines)]
-        events = windower.add_batch(lines, good_times)
+        added = windower.add_batch(lines, good_times)
+        events = added.events
         if len(good) < len(parsed):  # bad records take their place among the events, in offset order
             bad = [(i, line) for i, (line, copy) in enumerate(zip(parsed, copies))
                    if isinstance(line, BadRecord) and not copy]  # a copy is dead-lettered from its primary
@@ -241,7 +243,9 @@ class Ingest:
             state.last_line_at = time.monotonic()
         fence, enough = state.fence, self.settings.batch_size  # a scoring batch's worth is handed on at once
         closed: list[Window] = []
-        opened = 0
+        opened_at = added.opened_at  # lines that only opened a window: new work unless replayed
+        opened = len(opened_at) if not opened_at or opened_at[0] >= fence else \
+            sum(1 for offset in opened_at if offset >= fence)
         for i, line, result in steps:
             message = batch[i]
             if result is None:

@@ -89,6 +89,31 @@ class AddResult:
 
 
 @dataclass(slots=True)
+class SessionBatch:
+    """What feeding a run of lines to a `SessionWindower` did (`add_batch`).
+
+    `events`: `(index in the run, result)`, in order, for each line whose `add` result says more than
+    "joined its windows" and more than "opened one window and joined it": it closed a window, opened
+    several, was refused or clamped by the event-time bound, was late or unkeyed (joined none), or was
+    replayed below the restore fence. `opened_at`: offsets, in order, of the lines that opened one window
+    and did nothing else (most of the lines that open a window). A line in neither joined at least one
+    open window and did nothing else: building no result for these lines is what saves the time."""
+
+    events: list[tuple[int, AddResult]] = field(default_factory=list)
+    opened_at: list[int] = field(default_factory=list)
+
+    def add(self, index: int, offset: int, result: AddResult) -> None:
+        """List one line's `add` result where it belongs (nowhere when it only joined open windows)."""
+        if result.closed or result.future or result.clamped or result.late_keys or result.cut or \
+                result.opened != 1 or result.joined != 1:
+            if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
+                    not result.joined:
+                self.events.append((index, result))
+        else:
+            self.opened_at.append(offset)
+
+
+@dataclass(slots=True)
 class CountBatch:
     """What feeding a run of lines to a `CountWindower` did (`add_batch`).
 
@@ -430,38 +455,34 @@ class SessionWindower:
         # a line that only joined its windows joined one per block id (none was late)
         return result if result is not None else AddResult(joined=len(line.block_ids))
 
-    def add_batch(self, lines: Sequence[LogLine],
-                  record_times: Sequence[float | None]) -> list[tuple[int, AddResult]]:
-        """Feed consecutive lines at once: what `add` on each in turn does.
+    def add_batch(self, lines: Sequence[LogLine], record_times: Sequence[float | None]) -> SessionBatch:
+        """Feed consecutive lines at once: what `add` on each in turn does, listed as `SessionBatch` says.
 
-        `record_times` (Kafka timestamps, seconds) is parallel to `lines`. Returns `(index, result)`,
-        in order, for each line whose `add` result says more than "joined its windows": it closed
-        or opened a window, was refused or clamped by the event-time bound, was late or unkeyed
-        (joined none), or was replayed below the restore fence. A line not listed joined at least
-        one window and did nothing else; building no result for it is what saves the time."""
-        events: list[tuple[int, AddResult]] = []
+        `record_times` (Kafka timestamps, seconds) is parallel to `lines`."""
+        batch = SessionBatch()
         start = 0
         while start < len(lines) and self._restoring is not None:  # replaying: the per-line path (once per assignment)
-            result = self.add(lines[start], record_times[start])
-            if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
-                    not result.joined:
-                events.append((start, result))
+            line = lines[start]
+            batch.add(start, line.offset, self.add(line, record_times[start]))
             start += 1
         if start < len(lines):
-            self._stream_batch(lines, record_times, start, events)
-        return events
+            self._stream_batch(lines, record_times, start, batch)
+        return batch
 
     def _stream_batch(self, lines: Sequence[LogLine], record_times: Sequence[float | None], start: int,
-                      events: list[tuple[int, AddResult]]) -> None:
-        """`add_batch` from line `start` on, past any replay: `_admit` then `_join` on each line, the events
-        appended to `events`.
+                      batch: SessionBatch) -> None:
+        """`add_batch` from line `start` on, past any replay: `_admit` then `_join` on each line, the results
+        listed in `batch`.
 
-        Most lines take a fast path instead: a line of one block id whose session is open and takes it
-        without a close (no gap, below `max_lines`), when stream time does not pass the earliest expiry
-        entry and the event-time bound admits it unchanged, only joins that session. The path does just
-        those steps of `_admit` and `_join`, inline, and lists no event for the line (as `_join`
-        returning None)."""
-        open_get, expiry, gap, bound = self._open.get, self._expiry, self.gap, self.bound
+        Most lines take a fast path instead, when stream time does not pass the earliest expiry entry and
+        the event-time bound admits the line unchanged, for a line of one block id:
+        - whose session is open and takes it without a close (no gap, below `max_lines`): it only joins
+          that session, and is listed nowhere (as `_join` returning None);
+        - whose block has no open session, when the line is not late and one more session does not
+          exceed `max_open`: it opens the session (as `_join` does) and is listed in `opened_at`.
+        The path does just those steps of `_admit` and `_join`, inline."""
+        open_, expiry, gap, grace, bound = self._open, self._expiry, self.gap, self.grace, self.bound
+        open_get, opened_at, events = open_.get, batch.opened_at, batch.events
         max_future = bound.max_future if bound is not None else 0.0
         below_cap = self.max_lines - 1  # a session holding fewer lines takes one more without closing
         stream_time = self._stream_time
@@ -470,22 +491,34 @@ class SessionWindower:
             line = lines[index]
             now = line.event_time
             keys = line.block_ids
-            if len(keys) == 1 and (session := open_get(keys[0])) is not None and now <= session.last_event + gap \
-                    and len(session.lines) < below_cap \
-                    and (now <= stream_time or not expiry or expiry[0][0] >= now) \
+            if len(keys) == 1 and (now <= stream_time or not expiry or expiry[0][0] >= now) \
                     and (bound is None or bound.stream_time != _NO_TIME and now <= bound.stream_time + max_future):
-                if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
-                    if now > bound.stream_time:
-                        bound.admit(now, record_times[index])  # moves the bound's stream time
-                    else:
-                        bound.run = 0  # all that admit does for a line not past its stream time
-                session.lines.append(line)
-                if now > session.last_event:
-                    session.last_event = now  # its expiry entry stays (see `_expire`)
-                if now > stream_time:
-                    stream_time = self._stream_time = now
-                last_offset = line.offset
-                continue
+                session = open_get(keys[0])
+                if session is not None:
+                    fast = now <= session.last_event + gap and len(session.lines) < below_cap
+                else:  # opens one: not late, within max_open, and it does not close at once (max_lines 1)
+                    fast = now + gap + grace >= stream_time and len(open_) < self.max_open and below_cap > 0
+                if fast:
+                    bound_before = None
+                    if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
+                        if session is None:
+                            bound_before = [bound.stream_time, bound.stream_record_time, bound.run]
+                        if now > bound.stream_time:
+                            bound.admit(now, record_times[index])  # moves the bound's stream time
+                        else:
+                            bound.run = 0  # all that admit does for a line not past its stream time
+                    if now > stream_time:
+                        stream_time = self._stream_time = now
+                    if session is None:
+                        self._generation += 1
+                        session = open_[keys[0]] = _Session(self._generation, bound_before, now)
+                        self._schedule(keys[0], session)
+                        opened_at.append(line.offset)
+                    elif now > session.last_event:
+                        session.last_event = now  # its expiry entry stays (see `_expire`)
+                    session.lines.append(line)
+                    last_offset = line.offset
+                    continue
             before = self._bound_before()
             admitted = self._admit(line, record_times[index])
             if admitted is None:
@@ -496,7 +529,7 @@ class SessionWindower:
             joined = self._join(line, before, clamped)
             stream_time = self._stream_time
             if joined is not None:
-                events.append((index, joined))
+                batch.add(index, line.offset, joined)
         if last_offset is not None:
             self._last_offset = last_offset
 

@@ -47,11 +47,19 @@ def batched(windower: SessionWindower, lines: list[LogLine], times: list[float |
         end = start + sizes[turn % len(sizes)]
         turn += 1
         chunk: list[tuple[Any, ...] | None] = [None] * len(lines[start:end])
-        for index, result in windower.add_batch(lines[start:end], times[start:end]):
+        added = windower.add_batch(lines[start:end], times[start:end])
+        for index, result in added.events:
             chunk[index] = outcome(result)
+        index_of = {line.offset: index for index, line in enumerate(lines[start:end])}
+        for offset in added.opened_at:
+            assert chunk[index_of[offset]] is None  # listed once
+            chunk[index_of[offset]] = OPENED_ONLY
         out += chunk
         start = end
     return out
+
+
+OPENED_ONLY = ([], (), 1, 1, False, False, 0)  # the outcome of a line listed in `SessionBatch.opened_at`
 
 
 def agree(reference: list[tuple[Any, ...]], batch: list[tuple[Any, ...] | None]) -> None:
@@ -62,6 +70,8 @@ def agree(reference: list[tuple[Any, ...]], batch: list[tuple[Any, ...] | None])
             assert not closed and not late and joined > 0 and not opened and not future and not clamped and not cut
         else:
             assert got == ref
+        if ref == OPENED_ONLY:  # opened one window and did nothing else: listed in `opened_at`, not as an event
+            assert got == OPENED_ONLY
 
 
 def state(windower: SessionWindower) -> tuple[Any, ...]:

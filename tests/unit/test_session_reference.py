@@ -92,6 +92,9 @@ def outcome(result: AddResult) -> tuple[Any, ...]:
             result.clamped, result.cut)
 
 
+OPENED_ONLY = ([], (), 1, 1, False, False, 0)  # the outcome of a line listed in `SessionBatch.opened_at`
+
+
 def observed(windower: SessionWindower) -> tuple[Any, ...]:
     """What the engine shows, and its event-time bound's state (a later snapshot and later decisions read it)."""
     return (windower.snapshot(), windower.stream_time, windower.oldest_open_offset(), windower.open_windows,
@@ -113,8 +116,13 @@ class Pair:
     def feed(self, lines: list[LogLine], times: list[float | None]) -> None:
         expected = [outcome(self.reference.add(ln, t)) for ln, t in zip(lines, times)]
         got: list[tuple[Any, ...] | None] = [None] * len(lines)
-        for index, result in self.engine.add_batch(lines, times):
+        added = self.engine.add_batch(lines, times)
+        for index, result in added.events:
             got[index] = outcome(result)
+        index_of = {line.offset: index for index, line in enumerate(lines)}
+        for offset in added.opened_at:
+            assert got[index_of[offset]] is None  # listed once
+            got[index_of[offset]] = OPENED_ONLY
         for ref, new in zip(expected, got):
             if new is None:  # listed nothing: joined its windows and did nothing else
                 closed, late, joined, opened, future, clamped, cut = ref
@@ -122,6 +130,8 @@ class Pair:
                 assert not cut
             else:
                 assert new == ref
+            if ref == OPENED_ONLY:  # opened one window and did nothing else: in `opened_at`, not an event
+                assert new == OPENED_ONLY
         self.check()
 
     def cut(self) -> None:
@@ -240,4 +250,22 @@ def test_a_joining_line_ends_a_run_of_lines_ahead() -> None:
     options = {"gap": 30.0, "grace": 0.0, "max_lines": 8, "max_open": 5, "bound": (40.0, "dead-letter", 2)}
     steps: list[tuple[float, list[str], float]] = [(0.0, ["blk_1"], 1.0), (0.0, ["blk_1"], 1.0),
                                                    (WRONG_CLOCK, ["blk_1"], 1.0), (0.0, ["blk_1"], 1.0)]
+    run(options, steps, [("lines", 4)])
+
+
+def test_a_session_opened_after_a_refused_line_keeps_the_run_in_its_snapshot() -> None:
+    """A line the bound refuses starts a run; the next line opens a session on the fast path. The bound's state
+    before that line (the run included) is where a replay of the session starts: the snapshot shows it."""
+    options = {"gap": 30.0, "grace": 0.0, "max_lines": 2, "max_open": 5, "bound": (40.0, "dead-letter", 2)}
+    steps: list[tuple[float, list[str], float]] = [(0.0, ["blk_1"], 1.0), (0.0, ["blk_1"], 1.0),  # closed: max_size
+                                                   (WRONG_CLOCK, ["blk_1"], 1.0), (0.0, ["blk_2"], 1.0)]
+    run(options, steps, [("lines", 4)])
+
+
+def test_a_line_within_the_grace_opens_its_session() -> None:
+    """A line of a block with no open session, behind stream time by more than the gap but less than gap and
+    grace, is not late: it opens a session (on the fast path) as the reference does."""
+    options = {"gap": 5.0, "grace": 1.5, "max_lines": 8, "max_open": 5, "bound": None}
+    steps: list[tuple[float, list[str], float]] = [(0.0, ["blk_1"], 1.0), (6.0, ["blk_1"], 1.0),  # a gap close
+                                                   (-6.0, ["blk_2"], 1.0), (0.0, ["blk_2"], 1.0)]
     run(options, steps, [("lines", 4)])
