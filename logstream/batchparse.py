@@ -169,10 +169,11 @@ def _strings(count: int, offsets: np.ndarray, data: np.ndarray, end: int) -> lis
 
 
 def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...]]:
-    """Each plain line's block ids as `masking.block_ids` gives them: in order, repeats dropped.
+    """Each plain line's block ids as `masking.block_ids` gives them (the loop dropped repeats).
 
-    Most lines name one block or none: the one-element tuples are made at C speed (`zip` over the ids'
-    strings) and the lines take theirs by index; only a line naming several ids (rare) builds its own."""
+    The tuples are made at C speed (`zip` over the ids' strings) and the lines take theirs by index from one
+    table: every id alone, then `()`, then the pairs (a line naming two blocks: about one HDFS line in
+    eight); only a line naming three or more (rare) builds its own."""
     if ids == 0:
         return [()] * plain
     names = _strings(ids, out.id_offsets, out.ids, id_end)
@@ -180,14 +181,19 @@ def _blocks(plain: int, out: _Out, ids: int, id_end: int) -> list[tuple[str, ...
     counts = bounds[1:] - bounds[:-1]
     if ids == plain and counts.max() == 1:  # every line names exactly one block
         return list(zip(names))
-    singles = list(zip(names))
-    singles.append(())  # the last entry: a line without a block id
+    table: list[tuple[str, ...]] = list(zip(names))
+    table.append(())  # at `ids`: a line without a block id
     index = bounds[:-1].copy()
     index[counts == 0] = ids
-    blocks = list(map(singles.__getitem__, index.tolist()))
-    for row in np.flatnonzero(counts > 1).tolist():
-        blocks[row] = tuple(dict.fromkeys(names[bounds[row]:bounds[row + 1]]))
-    return blocks
+    pairs = np.flatnonzero(counts == 2)
+    if len(pairs):
+        firsts = bounds[pairs]
+        index[pairs] = np.arange(len(table), len(table) + len(pairs))
+        table += zip(map(names.__getitem__, firsts.tolist()), map(names.__getitem__, (firsts + 1).tolist()))
+    for row in np.flatnonzero(counts > 2).tolist():
+        index[row] = len(table)
+        table.append(tuple(names[bounds[row]:bounds[row + 1]]))
+    return list(map(table.__getitem__, index.tolist()))
 
 
 _warmed = False
@@ -298,13 +304,16 @@ def _mask(content: Any, out: Any, at: int) -> int:
 
 @_compiled(inline="always")
 def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int) -> int:
-    """`BLOCK_ID.findall` over `line` (`blk_-?[0-9]+`, left to right, no overlap), each id appended to `ids`
-    at `id_offsets[count]`; returns the new count of ids.
+    """`masking.block_ids` of `line`: the ids `BLOCK_ID.findall` finds (`blk_-?[0-9]+`, left to right, no
+    overlap), repeats dropped (the first kept), each appended to `ids` at `id_offsets[count]`; returns the
+    new count of ids.
 
     The search steps through the line's `_` bytes (fewer than its `b`s): an id holds exactly one, three
     bytes after its start, so taking them in order finds the ids in order; one starting inside the last
-    id found is skipped, as `findall` resumes after a match."""
+    id found is skipped, as `findall` resumes after a match. An id equal to one found before in the line is
+    written, then left to be written over."""
     stop = line.shape[0]
+    first = count  # this line's first id
     resume = 0  # the end of the last id found: the next one starts there or later
     for at in range(3, stop - 1):
         if line[at] != 95 or at - 3 < resume or line[at - 3] != 98 or line[at - 2] != 108 or line[at - 1] != 107:
@@ -316,14 +325,34 @@ def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int) -> int:
         while end < stop and _digit(line[end]):
             end += 1
         if end > digits:
-            write = id_offsets[count]
+            start = id_offsets[count]
+            write = start
             for k in range(at - 3, end):
                 ids[write] = line[k]
                 write += 1
-            count += 1
-            id_offsets[count] = write
             resume = end
+            if not _seen(ids, id_offsets, first, count, start, write):
+                count += 1
+                id_offsets[count] = write
     return count
+
+
+@_compiled(inline="always")
+def _seen(ids: Any, id_offsets: Any, first: int, count: int, start: int, stop: int) -> bool:
+    """Whether ids[start:stop] equals one of the ids `first` to `count - 1`."""
+    size = stop - start
+    for other in range(first, count):
+        begin = id_offsets[other]
+        if id_offsets[other + 1] - begin != size:
+            continue
+        same = True
+        for k in range(size):
+            if ids[begin + k] != ids[start + k]:
+                same = False
+                break
+        if same:
+            return True
+    return False
 
 
 @_compiled()
