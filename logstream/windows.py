@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from logstream.settings import Settings
 
 _NO_TIME = float("-inf")
+_ANY_TIME = float("inf")
 
 FuturePolicy = Literal["dead-letter", "clamp"]
 
@@ -474,64 +475,83 @@ class SessionWindower:
         """`add_batch` from line `start` on, past any replay: `_admit` then `_join` on each line, the results
         listed in `batch`.
 
-        Most lines take a fast path instead, when stream time does not pass the earliest expiry entry and
-        the event-time bound admits the line unchanged, for a line of one block id:
-        - whose session is open and takes it without a close (no gap, below `max_lines`): it only joins
-          that session, and is listed nowhere (as `_join` returning None);
-        - whose block has no open session, when the line is not late and one more session does not
-          exceed `max_open`: it opens the session (as `_join` does) and is listed in `opened_at`.
-        The path does just those steps of `_admit` and `_join`, inline."""
+        Most lines take a fast path instead: a line of one block id that the event-time bound admits
+        unchanged, when what `_join` would do is decided by the line's own session alone. If the line moves
+        stream time past the earliest expiry entry, `_expire` runs first, as in `_join`; then the line
+        - joins its open session when that takes it without a close (no gap, below `max_lines`, not
+          expired just now): listed nowhere (as `_join` returning None), or as an event with the windows
+          the expiry closed;
+        - or opens its block's session, when it has none (or the expiry just closed it), the line is not
+          late and one more session does not exceed `max_open`: listed in `opened_at`, or as an event with
+          the windows the expiry closed.
+        The path does just those steps of `_admit` and `_join`, inline; every other line takes them."""
         open_, expiry, gap, grace, bound = self._open, self._expiry, self.gap, self.grace, self.bound
         open_get, opened_at, events = open_.get, batch.opened_at, batch.events
         max_future = bound.max_future if bound is not None else 0.0
+        # the bound admits a line unchanged up to here (-inf before its first line); no bound: any line
+        bound_limit = bound.stream_time + max_future if bound is not None else _ANY_TIME
         below_cap = self.max_lines - 1  # a session holding fewer lines takes one more without closing
+        can_open = below_cap > 0  # with max_lines 1 a session closes on its first line (`_join`)
         stream_time = self._stream_time
-        last_offset: int | None = None
+        last = -1  # the index of the last line admitted
         for index in range(start, len(lines)):
             line = lines[index]
             now = line.event_time
             keys = line.block_ids
-            if len(keys) == 1 and (now <= stream_time or not expiry or expiry[0][0] >= now) \
-                    and (bound is None or bound.stream_time != _NO_TIME and now <= bound.stream_time + max_future):
+            if len(keys) == 1 and now <= bound_limit:
                 session = open_get(keys[0])
-                if session is not None:
+                due = now > stream_time and bool(expiry) and expiry[0][0] < now  # `_join` would run `_expire` first
+                expiring = due and session is not None and session.last_event + gap + grace < now  # it closes
+                if session is not None and not expiring:
                     fast = now <= session.last_event + gap and len(session.lines) < below_cap
-                else:  # opens one: not late, within max_open, and it does not close at once (max_lines 1)
-                    fast = now + gap + grace >= stream_time and len(open_) < self.max_open and below_cap > 0
+                else:  # opens one: not late, within max_open (the expiring session makes room), no close at once
+                    fast = can_open and now + gap + grace >= stream_time and (expiring or len(open_) < self.max_open)
                 if fast:
                     bound_before = None
                     if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
-                        if session is None:
+                        if session is None or expiring:
                             bound_before = [bound.stream_time, bound.stream_record_time, bound.run]
                         if now > bound.stream_time:
                             bound.admit(now, record_times[index])  # moves the bound's stream time
+                            bound_limit = bound.stream_time + max_future
                         else:
                             bound.run = 0  # all that admit does for a line not past its stream time
                     if now > stream_time:
                         stream_time = self._stream_time = now
-                    if session is None:
+                    closed: list[Window] = []
+                    if due:
+                        self._expire(closed)
+                    if session is None or expiring:
                         self._generation += 1
                         session = open_[keys[0]] = _Session(self._generation, bound_before, now)
                         self._schedule(keys[0], session)
-                        opened_at.append(line.offset)
-                    elif now > session.last_event:
-                        session.last_event = now  # its expiry entry stays (see `_expire`)
+                        if closed:
+                            events.append((index, AddResult(closed, (), 1, 1)))
+                        else:
+                            opened_at.append(line.offset)
+                    else:
+                        if now > session.last_event:
+                            session.last_event = now  # its expiry entry stays (see `_expire`)
+                        if closed:
+                            events.append((index, AddResult(closed, (), 1, 0)))
                     session.lines.append(line)
-                    last_offset = line.offset
+                    last = index
                     continue
             before = self._bound_before()
             admitted = self._admit(line, record_times[index])
+            if bound is not None:
+                bound_limit = bound.stream_time + max_future
             if admitted is None:
                 events.append((index, AddResult(future=True)))
                 continue
             line, clamped = admitted
-            last_offset = line.offset
+            last = index
             joined = self._join(line, before, clamped)
             stream_time = self._stream_time
             if joined is not None:
                 batch.add(index, line.offset, joined)
-        if last_offset is not None:
-            self._last_offset = last_offset
+        if last >= 0:
+            self._last_offset = lines[last].offset
 
     def _replay_cut(self, line: LogLine) -> AddResult:
         """The line a recorded cut came after, replayed: the sessions rebuilt up to it are the ones the

@@ -269,3 +269,13 @@ def test_a_line_within_the_grace_opens_its_session() -> None:
     steps: list[tuple[float, list[str], float]] = [(0.0, ["blk_1"], 1.0), (6.0, ["blk_1"], 1.0),  # a gap close
                                                    (-6.0, ["blk_2"], 1.0), (0.0, ["blk_2"], 1.0)]
     run(options, steps, [("lines", 4)])
+
+
+def test_a_line_past_the_gap_but_within_the_grace_closes_its_session() -> None:
+    """The line moves stream time past its session's (early) expiry entry, but not past the session's
+    deadline: the expiry closes nothing, and the line, past the gap, closes the session (gap) and opens the
+    next, as the reference does; the session is not taken as expired."""
+    options = {"gap": 5.0, "grace": 1.5, "max_lines": 8, "max_open": 5, "bound": None}
+    steps: list[tuple[float, list[str], float]] = [(0.0, ["blk_1"], 1.0), (1.0, ["blk_1"], 1.0),
+                                                   (6.0, ["blk_1"], 1.0), (0.0, ["blk_1"], 1.0)]
+    run(options, steps, [("lines", 4)])
