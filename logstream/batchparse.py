@@ -20,7 +20,9 @@ and the loop computes it in the same pass:
   all of it 8 or more hex letters, replaced by `<*>` (`masking.mask`), the spaces kept as they
   were (a run of spaces is empty tokens between single spaces);
 - block ids are `masking.BLOCK_ID` (`blk_`, an optional `-`, digits) found left to right over the
-  whole line, without overlap, as `re.findall` finds them; repeats are dropped here in Python.
+  whole line, without overlap, as `re.findall` finds them, repeats dropped; an id holds no space, so
+  they are looked for token by token: in the header only when it holds a `_`, in the content by the
+  masking step, in the tokens holding a `_` and a digit.
 
 Every other record (non-ASCII text, control characters, a tab, odd spacing in a header, a broken
 header, an empty content where the format needs one, too large, empty, no value) is left to the
@@ -218,11 +220,14 @@ def _warm() -> None:
 # directory), or in numba's user cache. They read and write only the arrays they are given.
 
 # Byte classes for masking: the space, a byte that makes a token variable (a digit, `/`), a hex letter.
-_SPACE_CLASS, _VARIABLE, _HEX = 1, 2, 4
+# A token holding a `_` and a digit may hold a block id (`_UNDERSCORE | _DIGIT`).
+_SPACE_CLASS, _VARIABLE, _HEX, _UNDERSCORE, _DIGIT = 1, 2, 4, 8, 16
 _BYTE_CLASS = np.zeros(256, np.uint8)
 _BYTE_CLASS[_SPACE] = _SPACE_CLASS
-_BYTE_CLASS[[*range(48, 58), _SLASH]] = _VARIABLE
+_BYTE_CLASS[_SLASH] = _VARIABLE
+_BYTE_CLASS[48:58] = _VARIABLE | _DIGIT
 _BYTE_CLASS[[*range(65, 71), *range(97, 103)]] = _HEX
+_BYTE_CLASS[95] = _UNDERSCORE
 
 _uncached: list[str] = []  # functions compiled without the disk cache (no writable place for it)
 
@@ -240,6 +245,15 @@ def _compiled(**options: Any) -> Any:
 
 
 @_compiled(inline="always")
+def _u(index: int) -> Any:
+    """`index` (never negative here) as an unsigned integer, to subscript with in the hot loops: numba
+    wraps a negative signed index around (`a[-1]`), a test and a select at every access that also keeps
+    LLVM from simplifying the loop; an unsigned one needs neither. Only ever an index, never a term
+    (numba types uint64 with int64 arithmetic as float64)."""
+    return np.uint64(index)
+
+
+@_compiled(inline="always")
 def _digit(byte: int) -> bool:
     return 48 <= byte <= 57
 
@@ -251,7 +265,7 @@ def _digits(text: Any, start: int, stop: int) -> int:
         return -1
     value = 0
     for at in range(start, stop):
-        byte = text[at]
+        byte = text[_u(at)]
         if not _digit(byte):
             return -1
         value = value * 10 + (byte - 48)
@@ -264,71 +278,89 @@ def _is_digits(text: Any, start: int, stop: int) -> bool:
     if stop <= start:
         return False
     for at in range(start, stop):
-        if not _digit(text[at]):
+        if not _digit(text[_u(at)]):
             return False
     return True
 
 
 @_compiled(inline="always")
-def _mask(content: Any, out: Any, at: int) -> int:
-    """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:];
-    returns the end of what was written. Each byte's class is one table lookup (`_BYTE_CLASS`)."""
+def _holds(text: Any, value: int) -> bool:
+    """Whether `value` is one of the bytes of `text` (all of them read: a loop the compiler vectorizes)."""
+    found = False
+    for byte in text:
+        found |= byte == value
+    return found
+
+
+@_compiled(inline="always")
+def _mask(content: Any, out: Any, at: int, ids: Any, id_offsets: Any, count: int, first: int) -> tuple[int, int]:
+    """`masking.mask` of `content` (printable ASCII: its only whitespace is the space) written at out[at:],
+    and the block ids in it appended as `_block_ids` does (`first`: the line's first id); returns the end
+    of what was written and the new count of ids.
+
+    Each byte's class is one table lookup (`_BYTE_CLASS`); a token's bytes are copied as they are read,
+    then written over by `<*>` when it is variable (the output has room: a template is at most three times
+    its content). An id holds no space, so the ids are those of the tokens holding a `_` and a digit,
+    in order (`findall` over the whole finds them token by token)."""
     stop = content.shape[0]
     token = 0
     while True:
         end = token
-        variable = 0
+        kinds = 0
         hex_run = _HEX
         while end < stop:
-            kind = _BYTE_CLASS[content[end]]
+            byte = content[_u(end)]
+            kind = _BYTE_CLASS[byte]
             if kind == _SPACE_CLASS:
                 break
-            variable |= kind & _VARIABLE
+            out[_u(at + end - token)] = byte
+            kinds |= kind
             hex_run &= kind
             end += 1
-        if variable or (hex_run and end - token >= 8):
-            out[at] = 60  # <
-            out[at + 1] = 42  # *
-            out[at + 2] = 62  # >
+        if kinds & _VARIABLE or (hex_run and end - token >= 8):
+            out[_u(at)] = 60  # <
+            out[_u(at + 1)] = 42  # *
+            out[_u(at + 2)] = 62  # >
             at += 3
+            if kinds & (_UNDERSCORE | _DIGIT) == _UNDERSCORE | _DIGIT:
+                count = _block_ids(content[token:end], ids, id_offsets, count, first)
         else:
-            for k in range(token, end):
-                out[at] = content[k]
-                at += 1
+            at += end - token
         if end >= stop:
-            return at
-        out[at] = _SPACE
+            return at, count
+        out[_u(at)] = _SPACE
         at += 1
         token = end + 1
 
 
 @_compiled(inline="always")
-def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int) -> int:
-    """`masking.block_ids` of `line`: the ids `BLOCK_ID.findall` finds (`blk_-?[0-9]+`, left to right, no
-    overlap), repeats dropped (the first kept), each appended to `ids` at `id_offsets[count]`; returns the
-    new count of ids.
+def _block_ids(line: Any, ids: Any, id_offsets: Any, count: int, first: int) -> int:
+    """`masking.block_ids` of `line` (the whole line or a part of it ending at a space or at the line's
+    end): the ids `BLOCK_ID.findall` finds (`blk_-?[0-9]+`, left to right, no overlap), repeats of the
+    line's ids (`first` to `count - 1`) dropped (the first kept), each appended to `ids` at
+    `id_offsets[count]`; returns the new count of ids.
 
     The search steps through the line's `_` bytes (fewer than its `b`s): an id holds exactly one, three
     bytes after its start, so taking them in order finds the ids in order; one starting inside the last
     id found is skipped, as `findall` resumes after a match. An id equal to one found before in the line is
     written, then left to be written over."""
     stop = line.shape[0]
-    first = count  # this line's first id
     resume = 0  # the end of the last id found: the next one starts there or later
     for at in range(3, stop - 1):
-        if line[at] != 95 or at - 3 < resume or line[at - 3] != 98 or line[at - 2] != 108 or line[at - 1] != 107:
+        if line[_u(at)] != 95 or at - 3 < resume or line[_u(at - 3)] != 98 or line[_u(at - 2)] != 108 or \
+                line[_u(at - 1)] != 107:
             continue
         digits = at + 1
-        if line[digits] == _DASH:
+        if line[_u(digits)] == _DASH:
             digits += 1
         end = digits
-        while end < stop and _digit(line[end]):
+        while end < stop and _digit(line[_u(end)]):
             end += 1
         if end > digits:
             start = id_offsets[count]
             write = start
             for k in range(at - 3, end):
-                ids[write] = line[k]
+                ids[_u(write)] = line[_u(k)]
                 write += 1
             resume = end
             if not _seen(ids, id_offsets, first, count, start, write):
@@ -347,7 +379,7 @@ def _seen(ids: Any, id_offsets: Any, first: int, count: int, start: int, stop: i
             continue
         same = True
         for k in range(size):
-            if ids[begin + k] != ids[start + k]:
+            if ids[_u(begin + k)] != ids[_u(start + k)]:
                 same = False
                 break
         if same:
@@ -398,7 +430,7 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
         complete = True
         for field in range(fields):
             starts[field] = at
-            while at < size and line[at] != _SPACE:
+            while at < size and line[_u(at)] != _SPACE:
                 at += 1
             stops[field] = at
             if at >= size or at == starts[field]:  # no content after it, or an empty field (two spaces)
@@ -406,7 +438,7 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
                 break
             at += 1
             if not hdfs:
-                while at < size and line[at] == _SPACE:
+                while at < size and line[_u(at)] == _SPACE:
                     at += 1
         if not complete:
             continue
@@ -429,12 +461,16 @@ def _scan(text: Any, offsets: Any, hdfs: bool, fields: int, micros: bool, max_by
             whole = False
             raw[:offsets[plain] - offsets[0]] = text[offsets[0]:offsets[plain]]  # the plain records so far
         write = raw_offsets[plain]
-        if not whole:
-            raw[write:write + size] = line
+        if not whole:  # a loop over a view: LLVM makes it a vectorized copy (a slice assignment is slower)
+            copy = raw[write:write + size]
+            for k in range(size):
+                copy[k] = line[k]
         raw_offsets[plain + 1] = write + size
-        template_offsets[plain + 1] = _mask(line[at:], templates, template_offsets[plain])
-        if underscore:
-            id_count = _block_ids(line, ids, id_offsets, id_count)
+        first_id = id_count
+        if underscore and _holds(line[:at], 95):  # the header's ids come first (it ends at a space: no id
+            id_count = _block_ids(line[:at], ids, id_offsets, id_count, first_id)  # runs on into the content)
+        template_offsets[plain + 1], id_count = _mask(line[at:], templates, template_offsets[plain],
+                                                      ids, id_offsets, id_count, first_id)
         plain += 1
         line_ids[plain] = id_count
     if whole and plain < offsets.shape[0] - 1:  # records dropped at the end: the plain ones are copied
@@ -451,7 +487,7 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
         return -1.0
     stamp = _digits(text, starts[1], stops[1])
     date = starts[2]
-    if stamp < 0 or stops[2] - date != 10 or text[date + 4] != _DOT or text[date + 7] != _DOT:
+    if stamp < 0 or stops[2] - date != 10 or text[_u(date + 4)] != _DOT or text[_u(date + 7)] != _DOT:
         return -1.0
     if not _is_digits(text, date, date + 4) or not _is_digits(text, date + 5, date + 7) or \
             not _is_digits(text, date + 8, date + 10):
@@ -461,7 +497,7 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
         clock, clock_end = starts[4], stops[4]
         after = clock
         for at in range(clock, clock_end):
-            if text[at] == _DOT:
+            if text[_u(at)] == _DOT:
                 after = at + 1
         if clock_end - after == 6:
             fraction = _digits(text, after, clock_end)
@@ -473,7 +509,7 @@ def _labelled_time(text: Any, starts: Any, stops: Any, micros: bool) -> float:
 @_compiled(inline="always")
 def _two(text: Any, at: int) -> int:
     """The two decimal digits at text[at:at + 2] as a number (the caller checked they are digits)."""
-    return (text[at] - 48) * 10 + (text[at + 1] - 48)
+    return (text[_u(at)] - 48) * 10 + (text[_u(at + 1)] - 48)
 
 
 @_compiled(inline="always")
@@ -486,7 +522,7 @@ def _hdfs_time(text: Any, starts: Any, stops: Any, month_days: Any) -> float:
             not _is_digits(text, clock, clock + 6) or not _is_digits(text, starts[2], stops[2]):
         return -1.0
     component_end = stops[4]
-    if component_end - starts[4] < 2 or text[component_end - 1] != _COLON:
+    if component_end - starts[4] < 2 or text[_u(component_end - 1)] != _COLON:
         return -1.0
     month = _two(text, date + 2)
     if month < 1 or month > 12:
