@@ -61,8 +61,17 @@ if TYPE_CHECKING:
 
 _NO_TIME = float("-inf")
 _ANY_TIME = float("inf")
+_NEVER = float("nan")  # no event time is <= it
 
 FuturePolicy = Literal["dead-letter", "clamp"]
+
+
+def _fast_limit(bound: EventTimeBound | None) -> float:
+    """The latest event time `bound` admits unchanged by its common case (`EventTimeBound.admit`): +inf
+    without a bound, NaN (no time compares <= it) before the bound's first line."""
+    if bound is None:
+        return _ANY_TIME
+    return _NEVER if bound.stream_time == _NO_TIME else bound.stream_time + bound.max_future
 
 
 def _bound_state(before: tuple[float, float | None, int] | None) -> list[Any] | None:
@@ -488,8 +497,7 @@ class SessionWindower:
         open_, expiry, gap, grace, bound = self._open, self._expiry, self.gap, self.grace, self.bound
         open_get, opened_at, events = open_.get, batch.opened_at, batch.events
         max_future = bound.max_future if bound is not None else 0.0
-        # the bound admits a line unchanged up to here (-inf before its first line); no bound: any line
-        bound_limit = bound.stream_time + max_future if bound is not None else _ANY_TIME
+        bound_limit = _fast_limit(bound)
         below_cap = self.max_lines - 1  # a session holding fewer lines takes one more without closing
         can_open = below_cap > 0  # with max_lines 1 a session closes on its first line (`_join`)
         stream_time = self._stream_time
@@ -504,8 +512,9 @@ class SessionWindower:
                 expiring = due and session is not None and session.last_event + gap + grace < now  # it closes
                 if session is not None and not expiring:
                     fast = now <= session.last_event + gap and len(session.lines) < below_cap
-                else:  # opens one: not late, within max_open (the expiring session makes room), no close at once
-                    fast = can_open and now + gap + grace >= stream_time and (expiring or len(open_) < self.max_open)
+                else:  # opens one: not late, within max_open (the expiring session makes room), no close at once.
+                    # An engine restored under a lower max_open may hold more: then `_join` closes for the cap.
+                    fast = can_open and now + gap + grace >= stream_time and len(open_) - expiring < self.max_open
                 if fast:
                     bound_before = None
                     if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
@@ -539,8 +548,7 @@ class SessionWindower:
                     continue
             before = self._bound_before()
             admitted = self._admit(line, record_times[index])
-            if bound is not None:
-                bound_limit = bound.stream_time + max_future
+            bound_limit = _fast_limit(bound)
             if admitted is None:
                 events.append((index, AddResult(future=True)))
                 continue

@@ -150,3 +150,40 @@ def test_first_line_past_the_fence_late_for_one_block() -> None:
     options = {"gap": 2.0, "grace": 0.0, "max_lines": 3, "max_open": 1, "bound": None}
     check_restart(options, [(0.0, [], 0.0), (0.0, ["blk_1"], 0.0), (-3.0, [], 0.0), (0.0, ["blk_1", "blk_2"], 0.0)],
                   3, [1])
+
+
+def _line(offset: int, event_time: float, *blocks: str) -> LogLine:
+    return LogLine("t", 0, offset, f"raw {offset}", "msg <*>", event_time, None, blocks)
+
+
+def test_a_restart_under_a_lower_max_open_closes_for_the_cap_as_add_does() -> None:
+    """An operator lowers --session-max-open and restarts: the rebuilt engine holds more sessions than the
+    cap. A line whose block's session expires and reopens then also closes the oldest one for the cap
+    (`_join`), in `add_batch` as in `add`."""
+    first = SessionWindower("t", 0, 5.0, 0.0, 10, 3)
+    for line in [_line(0, 0.0, "a"), _line(1, 1.0, "b"), _line(2, 2.0, "c")]:
+        first.add(line)
+    snapshot = first.snapshot()
+    lines = [_line(0, 0.0, "a"), _line(1, 1.0, "b"), _line(2, 2.0, "c"), _line(3, 2.0, "c"), _line(4, 6.0, "a")]
+    engines = []
+    for _ in range(2):
+        engine = SessionWindower("t", 0, 5.0, 0.0, 10, 2)
+        engine.restore(snapshot, 3)
+        engines.append(engine)
+    one, many = engines
+    reference = one_by_one(one, lines, [None] * len(lines))
+    assert [(key, reason) for _, key, reason, _ in reference[-1][0]] == [("a", "gap"), ("b", "cap")]
+    agree(reference, batched(many, lines, [None] * len(lines), [len(lines)]))
+    assert state(many) == state(one) and many.open_windows == 2
+
+
+def test_lines_before_the_bound_has_a_time_take_the_per_line_steps() -> None:
+    """Until the event-time bound has a stream time, no line takes the fast path: a line stamped -inf opens
+    its session with the bound's state as a snapshot gives it (no time: None), as `add` does."""
+    lines = [_line(0, float("-inf"), "a"), _line(1, float("-inf"), "b"), _line(2, 5.0, "c"), _line(3, 5.0, "d")]
+    one, many = (SessionWindower("t", 0, 5.0, 0.0, 10, 5, EventTimeBound(10.0)) for _ in range(2))
+    for part in (lines[:2], lines[2:]):
+        agree(one_by_one(one, part, [None] * len(part)), batched(many, part, [None] * len(part), [len(part)]))
+        assert state(many) == state(one)
+        if part[0].offset == 0:  # the second line's session is the newest: its replay would start from its state
+            assert many._open["b"].bound_before == one._open["b"].bound_before == [None, None, 0]
