@@ -199,7 +199,7 @@ class Ingest:
             return
         result = windower.add_batch(good)
         state.last_line_at = time.monotonic()
-        opened = sum(1 for offset in result.opened_at if offset >= fence)
+        opened = _at_or_after(result.opened_at, fence)
         if opened:
             self.metrics.windows_opened.labels(self.settings.window).inc(opened)
         suppressed: dict[int, int] = {}
@@ -243,20 +243,13 @@ class Ingest:
             state.last_line_at = time.monotonic()
         fence, enough = state.fence, self.settings.batch_size  # a scoring batch's worth is handed on at once
         closed: list[Window] = []
-        opened_at = added.opened_at  # lines that only opened a window: new work unless replayed
-        opened = len(opened_at) if not opened_at or opened_at[0] >= fence else \
-            sum(1 for offset in opened_at if offset >= fence)
+        opened = _at_or_after(added.opened_at, fence)  # lines that only opened a window: new work unless replayed
         for i, line, result in steps:
             message = batch[i]
             if result is None:
                 self._bad_record(state, message, cast(BadRecord, line), message.offset() < fence)
                 continue
-            replay = message.offset() < fence
-            if not replay and result.joined and not (result.future or result.clamped or result.late_keys):
-                opened += result.opened  # most events: a window opened or closed, nothing else (`_apply`'s effect)
-                closed += result.closed
-            else:
-                opened += self._apply(state, message, cast(LogLine, line), result, replay, closed)
+            opened += self._apply(state, message, cast(LogLine, line), result, message.offset() < fence, closed)
             if len(closed) >= enough:
                 self.submit(state, closed)
                 closed = []
@@ -318,6 +311,11 @@ def _has_bad(parsed: list[LogLine | BadRecord]) -> bool:
     """Whether a parsed batch holds a bad record: one pass at C speed (most batches have none, and then
     the parsed list is the lines as they are)."""
     return any(map(isinstance, parsed, repeat(BadRecord)))
+
+
+def _at_or_after(offsets: list[int], fence: int) -> int:
+    """How many of `offsets` (increasing) are at or past `fence`: the windows they opened are new work."""
+    return len(offsets) - bisect.bisect_left(offsets, fence)
 
 
 def _one_partition(messages: list[Message]) -> TP | None:

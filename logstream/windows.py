@@ -114,13 +114,11 @@ class SessionBatch:
 
     def add(self, index: int, offset: int, result: AddResult) -> None:
         """List one line's `add` result where it belongs (nowhere when it only joined open windows)."""
-        if result.closed or result.future or result.clamped or result.late_keys or result.cut or \
-                result.opened != 1 or result.joined != 1:
-            if result.closed or result.opened or result.future or result.clamped or result.late_keys or \
-                    not result.joined:
-                self.events.append((index, result))
-        else:
+        noted = result.closed or result.future or result.clamped or result.late_keys or result.cut
+        if not noted and result.opened == result.joined == 1:
             self.opened_at.append(offset)
+        elif noted or result.opened or not result.joined:
+            self.events.append((index, result))
 
 
 @dataclass(slots=True)
@@ -496,7 +494,6 @@ class SessionWindower:
         The path does just those steps of `_admit` and `_join`, inline; every other line takes them."""
         open_, expiry, gap, grace, bound = self._open, self._expiry, self.gap, self.grace, self.bound
         open_get, opened_at, events = open_.get, batch.opened_at, batch.events
-        max_future = bound.max_future if bound is not None else 0.0
         bound_limit = _fast_limit(bound)
         below_cap = self.max_lines - 1  # a session holding fewer lines takes one more without closing
         can_open = below_cap > 0  # with max_lines 1 a session closes on its first line (`_join`)
@@ -519,10 +516,10 @@ class SessionWindower:
                     bound_before = None
                     if bound is not None:  # `EventTimeBound.admit`'s common case: it admits `now` unchanged
                         if session is None or expiring:
-                            bound_before = [bound.stream_time, bound.stream_record_time, bound.run]
+                            bound_before = bound.state()  # where a replay of the new session starts
                         if now > bound.stream_time:
                             bound.admit(now, record_times[index])  # moves the bound's stream time
-                            bound_limit = bound.stream_time + max_future
+                            bound_limit = _fast_limit(bound)
                         else:
                             bound.run = 0  # all that admit does for a line not past its stream time
                     if now > stream_time:
