@@ -518,7 +518,7 @@ class LogLLM(nn.Module):
 
     def forward(self, windows: Sequence[Sequence[str]], labels: Sequence[bool] | None = None, *,
                 vectors: Mapping[str, Tensor] | None = None,
-                weights: Sequence[float] | None = None) -> LogLLMOutput:
+                weights: Sequence[float] | None = None, focal_gamma: float = 0.0) -> LogLLMOutput:
         """B windows of masked messages -> answer-token loss (with labels) and P(anomalous) per window.
 
         With labels the rows carry the full answers and the loss is the mean cross-entropy over the
@@ -527,7 +527,10 @@ class LogLLM(nn.Module):
         loss. Without labels the rows stop at the answers' common prefix, as in scoring.
         `vectors` maps every message to its encoder vector [He], computed once while the encoder is
         frozen (`encode_distinct`); without it the messages are encoded now (gradients flow into the
-        encoder's LoRA when it is trainable).
+        encoder's LoRA when it is trainable). `focal_gamma` > 0 scales each answer token's
+        cross-entropy by (1 - p)^gamma, p its probability: the focal loss (Lin et al., "Focal Loss for
+        Dense Object Detection", ICCV 2017), so windows the model already answers right weigh little
+        and the ones it gets wrong lead the gradient; 0 is the paper's plain cross-entropy.
         """
         capped = [self.cap(w) for w in windows]
         if any(not w for w in capped):
@@ -546,10 +549,10 @@ class LogLLM(nn.Module):
         assert batch.labels is not None
         targets = batch.labels[:, -keep + 1:]  # [B, K-1]: the token each kept position (but the last) predicts
         if weights is None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100)
+            tokens = self._token_losses(logits[:, :-1], targets, focal_gamma)
+            loss = tokens.sum() / (targets != -100).sum().clamp_min(1)
         else:
-            loss = self._weighted_loss(logits[:, :-1], targets, weights)
+            loss = self._weighted_loss(logits[:, :-1], targets, weights, focal_gamma)
         # The decision logit of row i sits just before its first differing answer token.
         split = len(self.prompt.common)
         at = torch.tensor([keep - n + split - 1 for n in batch.answer_lengths], device=logits.device)
@@ -557,12 +560,24 @@ class LogLLM(nn.Module):
         return LogLLMOutput(loss, pair.softmax(-1)[:, 1])
 
     @staticmethod
-    def _weighted_loss(logits: Tensor, targets: Tensor, weights: Sequence[float]) -> Tensor:
-        """Weighted mean over rows of each row's mean answer-token cross-entropy. [B, K-1, V], [B, K-1] -> []"""
+    def _token_losses(logits: Tensor, targets: Tensor, focal_gamma: float) -> Tensor:
+        """Each answer token's (focal) cross-entropy, 0 where ignored. [B, K-1, V], [B, K-1] -> [B, K-1]"""
+        if focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be 0 or more, got {focal_gamma}")
+        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(targets.shape)
+        if focal_gamma:
+            tokens = (1.0 - torch.exp(-tokens)).pow(focal_gamma) * tokens  # (1 - p)^gamma * -log p
+        return tokens
+
+    @classmethod
+    def _weighted_loss(cls, logits: Tensor, targets: Tensor, weights: Sequence[float],
+                       focal_gamma: float = 0.0) -> Tensor:
+        """Weighted mean over rows of each row's mean answer-token (focal) cross-entropy.
+        [B, K-1, V], [B, K-1] -> []"""
         if len(weights) != targets.shape[0] or any(w <= 0 for w in weights):
             raise ValueError(f"need one positive weight per window ({targets.shape[0]}), got {list(weights)}")
-        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                 reduction="none").view(targets.shape)  # [B, K-1], 0 where ignored
+        tokens = cls._token_losses(logits, targets, focal_gamma)  # [B, K-1], 0 where ignored
         counted = (targets != -100).sum(-1).clamp_min(1)  # [B]
         w = torch.tensor(list(weights), dtype=tokens.dtype, device=tokens.device)
         return ((tokens.sum(-1) / counted) * w).sum() / w.sum()
@@ -581,8 +596,9 @@ class LogLLM(nn.Module):
         return {message: row.clone() for message, row in zip(distinct, encoded)}
 
     def loss(self, windows: Sequence[Sequence[str]], labels: Sequence[bool], *,
-             vectors: Mapping[str, Tensor] | None = None, weights: Sequence[float] | None = None) -> Tensor:
-        output = self(windows, labels, vectors=vectors, weights=weights)
+             vectors: Mapping[str, Tensor] | None = None, weights: Sequence[float] | None = None,
+             focal_gamma: float = 0.0) -> Tensor:
+        output = self(windows, labels, vectors=vectors, weights=weights, focal_gamma=focal_gamma)
         assert output.loss is not None
         return output.loss
 

@@ -25,7 +25,9 @@ Every stage: AdamW (weight decay 0.01); micro-batches of `--micro-batch` (4) win
 accumulated over `--grad-accum` (4) of them per optimizer step; the learning rate multiplied by γ =
 `--lr-gamma` (0.7) every `--lr-decay-every` optimizer steps (default: a tenth of the stage's steps,
 rounded up, so at most ten decays per stage, as the reference code does); loss = the weighted
-mean over a step's windows of their cross-entropy over the answer tokens only (`LogLLM.loss`).
+mean over a step's windows of their cross-entropy over the answer tokens only (`LogLLM.loss`);
+`--focal-gamma G` > 0 makes it the focal loss, each token's cross-entropy scaled by (1 - p)^G, so
+the windows answered right weigh little and the rare ones the model gets wrong lead the gradient.
 Frozen parts run in eval mode (no dropout noise on what is not learning).
 
 Validation (`trainer.validation`): `--validation-fraction` (0.2) of the train split is held out
@@ -178,6 +180,7 @@ class FitConfig:
     view: MessageView = "lines"
     freeze_encoder: bool = False
     count_power: float = 1.0
+    focal_gamma: float = 0.0
 
     def trains(self, stage: str) -> dict[str, bool]:
         """What `stage` updates in this run: the stage table, with BERT's LoRA kept frozen under --freeze-encoder."""
@@ -559,8 +562,7 @@ class Trainer:
                     weights = [w.weight for w in batch]
                     with self._autocast():
                         loss = model.loss([w.example.window.templates for w in batch], [w.label for w in batch],
-                                          vectors=vectors,
-                                          weights=weights)
+                                          vectors=vectors, weights=weights, focal_gamma=c.focal_gamma)
                     (loss * (sum(weights) / step_weight)).backward()
                     mine.append((index, round(loss.item(), 5)))
                 world.sum_gradients(parameters)
@@ -782,6 +784,10 @@ def add_parser(subparsers: Any) -> None:
     for stage, lr in DEFAULT_LR.items():
         train.add_argument(f"--lr-stage{stage}", dest=f"lr_stage{stage.replace('-', '_')}", type=float, default=lr,
                            help=f"learning rate of stage {stage} (default %(default)s)")
+    train.add_argument("--focal-gamma", type=float, default=0.0,
+                       help="focal loss: scale each answer token's cross-entropy by (1 - p)^gamma, so the windows "
+                            "the model gets wrong lead the gradient (Lin et al. 2017 use 2); 0, the default, is the "
+                            "paper's cross-entropy")
     train.add_argument("--micro-batch", type=int, default=4, help="windows per forward/backward pass")
     train.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     train.add_argument("--lr-gamma", type=float, default=0.7, help="exponential learning-rate decay factor")
@@ -834,6 +840,8 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         raise FitError("--probe-windows must be 0 or more")
     if not 0.0 <= args.count_power <= 1.0:
         raise FitError("--count-power must be between 0 and 1")
+    if args.focal_gamma < 0:
+        raise FitError("--focal-gamma must be 0 or more")
     if not 0.0 <= args.validation_fraction < 1.0:
         raise FitError("--validation-fraction must be at least 0 and below 1")
     if args.llm_layers is not None and args.llm_layers < 1:
@@ -861,6 +869,7 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         probe_windows=args.probe_windows, validation_fraction=args.validation_fraction, llm_layers=args.llm_layers,
         bf16=bool(args.bf16) and device.type == "cpu", view=args.view,
         freeze_encoder=bool(args.freeze_encoder), count_power=args.count_power,
+        focal_gamma=args.focal_gamma,
     )
 
 

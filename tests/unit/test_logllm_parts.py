@@ -101,3 +101,26 @@ def test_logllm_refuses_to_start_without_a_trained_artifact(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     with pytest.raises(DetectorNotReady, match="not a LogLLM artifact"):
         load_detector(Settings(detector="logllm", model=tmp_path / "empty"))
+
+
+def test_focal_loss_is_cross_entropy_at_zero_and_leaves_the_answers_got_wrong_to_lead() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from logstream.model import LogLLM
+
+    # two windows, two answer tokens each (the second row's last one is padding, -100)
+    logits = torch.tensor([[[4.0, 0.0], [0.0, 4.0]], [[0.0, 4.0], [1.0, 1.0]]])  # [B=2, K-1=2, V=2]
+    targets = torch.tensor([[0, 1], [0, -100]])  # row 0 right on both tokens, row 1 wrong on its one
+    plain = LogLLM._weighted_loss(logits, targets, [1.0, 1.0])
+    ce = F.cross_entropy(logits.reshape(-1, 2), targets.reshape(-1), ignore_index=-100, reduction="none")
+    assert torch.isclose(plain, (ce[:2].mean() + ce[2]) / 2)
+    assert torch.isclose(LogLLM._weighted_loss(logits, targets, [1.0, 1.0], focal_gamma=0.0), plain)
+    focal = LogLLM._token_losses(logits, targets, 2.0)
+    p = torch.exp(-ce.view(2, 2))
+    assert torch.allclose(focal, (1 - p) ** 2 * ce.view(2, 2))
+    assert focal[1, 1] == 0  # padding stays out
+    # the right answers lose almost all their weight, the wrong one keeps most of it
+    assert focal[0].sum() / ce[:2].sum() < 0.001 and focal[1, 0] / ce[2] > 0.95
+    with pytest.raises(ValueError, match="focal_gamma"):
+        LogLLM._token_losses(logits, targets, -1.0)
