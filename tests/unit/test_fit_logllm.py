@@ -181,3 +181,18 @@ def test_freeze_encoder_leaves_stage_2_2_out_and_refuses_it_when_named(tmp_path)
     assert not (tmp_path / "named").exists()  # refused before anything is written
     with pytest.raises(FileNotFoundError, match="none.log"):  # the default stages pass: it goes on to the data
         fit(args("default"), Settings())
+
+
+def test_focal_gamma_reaches_the_run_config_and_a_negative_one_is_refused(tmp_path) -> None:
+    from logstream.settings import Settings
+    from trainer.cli import build_parser
+    from trainer.fit_logllm import config_from
+
+    def args(*extra: str):
+        return build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
+                                          "--output", str(tmp_path / "out"), *extra])
+
+    assert config_from(args(), Settings()).focal_gamma == 0.0  # the paper's cross-entropy by default
+    assert config_from(args("--focal-gamma", "2"), Settings()).focal_gamma == 2.0
+    with pytest.raises(FitError, match="--focal-gamma"):
+        config_from(args("--focal-gamma", "-1"), Settings())
