@@ -204,11 +204,6 @@ def read_snapshot(settings: Settings, tp: TopicPartitionKey, committed: Committe
 class CommitHost(Protocol):
     """The loop that owns the partitions, as `CommitPolicy` sees it. Every call is on the poll thread."""
 
-    # Exactly-once: whether the host keeps the outputs it issues while a cut is pending out of the open
-    # transaction (`CommitPolicy.holds`). One that produces them at once cannot retry a cut whose commit
-    # failed: the transaction now holds records above the cut's offsets, so it is aborted instead.
-    holds_outputs: bool
-
     def take_cut(self) -> Cut | None:
         """Each owned partition's committable position now; None when nothing changed since its last commit."""
 
@@ -423,12 +418,6 @@ class CommitPolicy:
         log.warning("commit_failed", error=str(error), retriable=error.retriable())
         if not self.exactly_once:
             self.pending = None  # a fresh cut at the next interval supersedes it
-        elif not self.host.holds_outputs:
-            # the records produced since the cut are in its transaction, above the offsets it would
-            # commit: a retry would publish them with no offset, replayed after a crash. Start over.
-            log.warning("transaction_aborted", error=str(error), reason="a retried commit would not cover "
-                        "the records produced since its cut")
-            self.abort_and_rewind()
         return False
 
     # --- recovery -------------------------------------------------------------------------------

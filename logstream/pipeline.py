@@ -100,8 +100,6 @@ _KIND_AND_REASON = attrgetter("kind", "close_reason")  # a closed window's label
 class Pipeline:
     """One consumer-group member running the whole consume -> publish -> commit loop."""
 
-    holds_outputs = True  # `checkpoint.CommitHost`: outputs after a pending cut wait in `PartitionState.held`
-
     def __init__(
         self,
         settings: Settings,

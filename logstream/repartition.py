@@ -77,8 +77,6 @@ class _Source:
 class Repartitioner:
     """The consume -> re-key -> produce -> commit loop (one consumer-group member)."""
 
-    holds_outputs = False  # `checkpoint.CommitHost`: every line is produced as it is read
-
     def __init__(self, settings: Settings, stop_event: threading.Event | None = None) -> None:
         if not settings.input_topic or not settings.repartition_topic:
             raise ValueError("repartition needs --input-topic and --repartition-topic")
