@@ -836,12 +836,11 @@ def config_from(args: argparse.Namespace, settings: Settings) -> FitConfig:
         raise FitError("--lr-decay-every must be at least 1")
     if not 0.0 < args.lr_gamma <= 1.0:
         raise FitError("--lr-gamma must be in (0, 1]")
-    if args.probe_windows < 0:
-        raise FitError("--probe-windows must be 0 or more")
+    for name in ("probe_windows", "focal_gamma"):
+        if getattr(args, name) < 0:
+            raise FitError(f"--{name.replace('_', '-')} must be 0 or more")
     if not 0.0 <= args.count_power <= 1.0:
         raise FitError("--count-power must be between 0 and 1")
-    if args.focal_gamma < 0:
-        raise FitError("--focal-gamma must be 0 or more")
     if not 0.0 <= args.validation_fraction < 1.0:
         raise FitError("--validation-fraction must be at least 0 and below 1")
     if args.llm_layers is not None and args.llm_layers < 1:

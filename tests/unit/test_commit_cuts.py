@@ -26,4 +26,3 @@ def test_outputs_after_the_pending_cut_wait_and_a_partition_left_out_of_it_waits
     assert exactly_once.holds(("logs", 0), 6)  # issued after it: the next transaction
     assert exactly_once.holds(("logs", 1), 1)  # its partition has no offset in this transaction
     assert not policy("at-least-once").holds(("logs", 1), 1)  # nothing is held without a transaction
-

@@ -167,14 +167,20 @@ def test_length_pools_put_similar_windows_together_and_still_visit_each_once() -
     assert spread < plain / 4  # padding within a micro-batch is a fraction of a random batch's
 
 
+def fit_args(tmp_path, output: str, *extra: str):
+    """`logstream-train fit` flags for BGL with a log that does not exist (nothing reaches the data)."""
+    from trainer.cli import build_parser
+
+    return build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
+                                      "--output", str(tmp_path / output), *extra])
+
+
 def test_freeze_encoder_leaves_stage_2_2_out_and_refuses_it_when_named(tmp_path) -> None:
     from logstream.settings import Settings
-    from trainer.cli import build_parser
     from trainer.fit_logllm import fit
 
     def args(output: str, *extra: str):
-        return build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
-                                          "--output", str(tmp_path / output), "--freeze-encoder", *extra])
+        return fit_args(tmp_path, output, "--freeze-encoder", *extra)
 
     with pytest.raises(FitError, match="stage 2-2"):
         fit(args("named", "--stages", "1,2,3"), Settings())
@@ -185,12 +191,10 @@ def test_freeze_encoder_leaves_stage_2_2_out_and_refuses_it_when_named(tmp_path)
 
 def test_focal_gamma_reaches_the_run_config_and_a_negative_one_is_refused(tmp_path) -> None:
     from logstream.settings import Settings
-    from trainer.cli import build_parser
     from trainer.fit_logllm import config_from
 
     def args(*extra: str):
-        return build_parser().parse_args(["fit", "--dataset", "bgl", "--logs", str(tmp_path / "none.log"),
-                                          "--output", str(tmp_path / "out"), *extra])
+        return fit_args(tmp_path, "out", *extra)
 
     assert config_from(args(), Settings()).focal_gamma == 0.0  # the paper's cross-entropy by default
     assert config_from(args("--focal-gamma", "2"), Settings()).focal_gamma == 2.0
